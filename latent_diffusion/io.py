@@ -1,0 +1,163 @@
+"""Config and weight I/O shared by every model: frozen-dataclass configs as JSON, weights as safetensors.
+
+A model folder holds `config.json` (the model's config dataclass) and `model.safetensors`.
+Nothing on the load path ever unpickles: a folder that only has `*.bin`/`*.pt`/`*.ckpt`
+weights is refused with an error that says how to convert it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+C = TypeVar("C")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+    """Build the frozen config dataclass `cls` from `data`, refusing unknown keys by name.
+
+    Lists become tuples so configs stay hashable and compare equal after a JSON round trip.
+    Keys starting with `_` (metadata such as `_class_name`) are ignored.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if k not in fields and not k.startswith("_"))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; allowed keys are {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, list):
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints.get(k)):
+            v = config_from_dict(hints[k], v, source=f"{source}.{k}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass, with `_class_name` naming its model."""
+    return dataclasses.asdict(config)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomically save tensors (made contiguous, shared storage broken) as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def find_weights(folder: str | os.PathLike, names: tuple[str, ...] = (WEIGHTS_NAME,)) -> Path:
+    """Return the safetensors weight file in `folder`, refusing pickles and naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"refusing to load pickle weight file(s) {pickles} in {folder}: only safetensors are loaded. "
+            "Convert with `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            f"'{folder / names[0]}')` if you trust the file."
+        )
+    raise FileNotFoundError(f"missing weight file {folder / names[0]} (expected one of {list(names)})")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing config file {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_model(model: torch.nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Save `model.config` as `config.json` and its state dict as `model.safetensors` in `folder`."""
+    folder = Path(folder)
+    data = {"_class_name": type(model).__name__, **config_to_dict(model.config)}
+    save_json(folder / CONFIG_NAME, data)
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_safetensors(folder / WEIGHTS_NAME, state)
+
+
+def load_model(cls: type, folder: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> Any:
+    """Load a model saved by `save_model`: build it from `config.json`, then load `model.safetensors` strictly.
+
+    Half-precision weights are upcast to the model's dtype (fp32 unless `dtype` is given).
+    """
+    folder = Path(folder)
+    data = read_json(folder / CONFIG_NAME)
+    config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
+    with torch.device("meta"):
+        model = cls(config)
+    state = load_file(str(find_weights(folder)), device="cpu")
+    target = dtype or torch.float32
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    load_state_dict_checked(model, state, source=str(folder), assign=True)
+    model = model.to(device=device or "cpu")
+    return model.eval()
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str,
+                            assign: bool = False) -> None:
+    """`load_state_dict(strict=True)` with an error that names missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def head(xs: list[str]) -> str:
+            return f"{xs[:8]}{' ...' if len(xs) > 8 else ''} ({len(xs)})"
+        raise ValueError(
+            f"weights in {source} do not fit {type(model).__name__}: missing {head(missing)}, "
+            f"unexpected {head(unexpected)}, shape mismatches {head(shapes)}"
+        )
+    model.load_state_dict(state, strict=True, assign=assign)

@@ -1,0 +1,14 @@
+"""The trainable models: the KL autoencoder, the decoder UNet and the diffusion prior.
+
+CLIP (tokenizer, text and vision towers) is used through `transformers`; see `latent_diffusion.models.clip`.
+"""
+
+from latent_diffusion.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderKLConfig
+from latent_diffusion.models.prior import PRIOR_PRESETS, DiffusionPrior, DiffusionPriorConfig
+from latent_diffusion.models.unet import UNET_PRESETS, UNet, UNetConfig
+
+__all__ = [
+    "AUTOENCODER_PRESETS", "AutoencoderKL", "AutoencoderKLConfig",
+    "PRIOR_PRESETS", "DiffusionPrior", "DiffusionPriorConfig",
+    "UNET_PRESETS", "UNet", "UNetConfig",
+]

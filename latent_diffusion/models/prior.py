@@ -1,0 +1,143 @@
+"""The diffusion prior of DALL·E 2 (Ramesh et al. 2022, §2.2): a causal transformer that denoises a CLIP image
+embedding given the caption.
+
+Token sequence (B, L + 4, width): [text token states (L), pooled text embedding, timestep embedding,
+noised image embedding, learned query]; a causal mask plus the text padding mask; the query token's output
+is the prediction of the clean (normalised) image embedding x0 (the paper predicts x0 directly, §2.2).
+
+CLIP image embeddings are normalised per dimension with `clip_mean`/`clip_std` — statistics of the training
+data stored as buffers, so they are saved with the weights and a trained prior carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latent_diffusion.io import load_model, save_model
+from latent_diffusion.layers import Attention, FeedForward, TimestepMLP, timestep_embedding
+
+MASK_VALUE = -10000.0  # additive mask; finite so a fully masked row cannot produce NaNs
+
+
+@dataclass(frozen=True)
+class DiffusionPriorConfig:
+    """Architecture of a `DiffusionPrior`."""
+
+    embed_dim: int = 768  # D: CLIP image embedding size (the diffused variable)
+    text_embed_dim: int = 768  # P: pooled (projected) CLIP text embedding size
+    text_states_dim: int = 768  # CLIP text token state width
+    max_text_tokens: int = 77
+    width: int = 2048
+    layers: int = 20
+    heads: int = 32
+    norm_in: bool = False  # LayerNorm on the tokens before the first block (Kandinsky's variant)
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"prior width {self.width} is not divisible by heads={self.heads}")
+
+
+PRIOR_PRESETS: dict[str, DiffusionPriorConfig] = {
+    "tiny": DiffusionPriorConfig(embed_dim=32, text_embed_dim=32, text_states_dim=32, max_text_tokens=77,
+                                 width=32, layers=2, heads=2),
+}
+
+
+class PriorBlock(nn.Module):
+    """Pre-norm transformer block: masked self-attention then a GELU MLP. (B, T, width)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width, gated=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.ff(self.norm2(x))
+
+
+class DiffusionPrior(nn.Module):
+    """forward(x (B, D) normalised noisy image embedding, t (B,) or scalar, text_states (B, L, text_states_dim),
+    text_embeds (B, P), text_mask (B, L) bool | None) -> (B, D) predicted clean normalised embedding."""
+
+    config_class = DiffusionPriorConfig
+
+    def __init__(self, config: DiffusionPriorConfig):
+        super().__init__()
+        c = self.config = config
+        self.time_embed = TimestepMLP(c.width, c.width)
+        self.proj_in = nn.Linear(c.embed_dim, c.width)
+        self.text_embed_proj = nn.Linear(c.text_embed_dim, c.width)
+        self.text_states_proj = nn.Linear(c.text_states_dim, c.width)
+        self.positional_embedding = nn.Parameter(torch.zeros(1, c.max_text_tokens + 4, c.width))
+        self.query = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.norm_in = nn.LayerNorm(c.width) if c.norm_in else None
+        self.blocks = nn.ModuleList(PriorBlock(c.width, c.heads) for _ in range(c.layers))
+        self.norm_out = nn.LayerNorm(c.width)
+        self.proj_out = nn.Linear(c.width, c.embed_dim)
+        self.register_buffer("clip_mean", torch.zeros(c.embed_dim))
+        self.register_buffer("clip_std", torch.ones(c.embed_dim))
+        nn.init.normal_(self.positional_embedding, std=0.02)
+        nn.init.normal_(self.query, std=0.02)
+
+    def normalize(self, embeds: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding (B, D) → the prior's unit-scale space."""
+        return (embeds - self.clip_mean) / self.clip_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The prior's space → CLIP image embedding (B, D)."""
+        return x * self.clip_std + self.clip_mean
+
+    @torch.no_grad()
+    def set_embedding_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the per-dimension mean/std (D,) of the training image embeddings."""
+        if mean.shape != self.clip_mean.shape or std.shape != self.clip_std.shape:
+            raise ValueError(f"embedding stats must have shape {tuple(self.clip_mean.shape)}, "
+                             f"got mean {tuple(mean.shape)} and std {tuple(std.shape)}")
+        self.clip_mean.copy_(mean)
+        self.clip_std.copy_(std.clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, text_states: torch.Tensor,
+                text_embeds: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = text_states.shape
+        c = self.config
+        if L > c.max_text_tokens:
+            raise ValueError(f"text has {L} tokens; this prior takes at most {c.max_text_tokens}")
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        temb = self.time_embed(timestep_embedding(t, c.width).to(x.dtype))
+        tokens = torch.cat([
+            self.text_states_proj(text_states),  # (B, L, W)
+            self.text_embed_proj(text_embeds)[:, None],
+            temb[:, None],
+            self.proj_in(x)[:, None],
+            self.query.expand(B, -1, -1),
+        ], dim=1)  # (B, L + 4, W)
+        T = L + 4
+        tokens = tokens + self.positional_embedding[:, :T]
+        # Additive mask (B, 1, T, T): causal, plus padded text tokens hidden from every query.
+        mask = torch.full((T, T), MASK_VALUE, device=x.device, dtype=tokens.dtype).triu(1)[None, None]
+        if text_mask is not None:
+            keep = torch.cat([text_mask.bool(), text_mask.new_ones(B, 4, dtype=torch.bool)], dim=1)
+            mask = mask + torch.where(keep, 0.0, MASK_VALUE).to(tokens.dtype)[:, None, None, :]
+        if self.norm_in is not None:
+            tokens = self.norm_in(tokens)
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return self.proj_out(self.norm_out(tokens[:, -1]))
+
+    # --- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        save_model(self, folder, dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> DiffusionPrior:
+        prior = load_model(cls, folder, device, dtype)
+        return prior
