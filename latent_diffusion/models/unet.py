@@ -25,7 +25,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.io import (
-    config_from_dict,
     find_weights,
     load_model,
     load_state_dict_checked,

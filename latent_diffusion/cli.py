@@ -1,0 +1,114 @@
+"""The `latent-diffusion` command line: `generate` images from a prompt with a pipeline folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SHIPPED_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "shapes-64"
+
+
+def default_pipeline() -> Path:
+    """The shipped pipeline, found relative to the installed package (works from any directory)."""
+    return Path(os.environ.get("LATENT_DIFFUSION_PIPELINE", SHIPPED_PIPELINE))
+
+
+def _quiet_hub() -> None:
+    # Everything loads from local folders: never let a library reach for the network.
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from latent_diffusion.diffusion import SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="latent-diffusion",
+                                     description="Latent text-to-image diffusion with a CLIP prior.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images from a prompt and write them as PNG files.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompt", help='the caption, e.g. "a red circle on the left"')
+    g.add_argument("--num-images", type=int, default=4, help="images to generate")
+    g.add_argument("--steps", type=int, default=25, help="decoder sampling steps")
+    g.add_argument("--prior-steps", type=int, default=25, help="prior sampling steps")
+    g.add_argument("--guidance", type=float, default=5.0, help="decoder classifier-free guidance scale")
+    g.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance scale")
+    g.add_argument("--negative-prompt", default=None, help="what the unconditional branch is given")
+    g.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampler for both stages")
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
+    g.add_argument("--pipeline", default=None,
+                   help=f"pipeline folder (default: the shipped one, {default_pipeline()})")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image
+    """Paste equally sized PIL images into one grid image (row-major)."""
+    from PIL import Image
+
+    columns = columns or min(len(images), 4)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from latent_diffusion.pipeline import TextToImagePipeline
+
+    folder = Path(args.pipeline) if args.pipeline else default_pipeline()
+    if not (folder / "model_index.json").is_file():
+        print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
+        return 2
+    pipe = TextToImagePipeline.from_pretrained(folder, device=torch.device(args.device))
+    start = time.perf_counter()
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+               num_inference_steps=args.steps, prior_num_inference_steps=args.prior_steps,
+               guidance_scale=args.guidance, prior_guidance_scale=args.prior_guidance, sampler=args.sampler,
+               seed=args.seed, height=args.height, width=args.width, progress=not args.quiet)
+    elapsed = time.perf_counter() - start
+    out_path = Path(args.out)
+    if out_path.suffix.lower() == ".png":
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(out.images).save(out_path)
+        paths = [out_path]
+    else:
+        out_path.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(out.images):
+            path = out_path / f"seed{args.seed + i}.png"
+            image.save(path)
+            paths.append(path)
+    for p in paths:
+        print(p)
+    print(f"{len(out.images)} image(s) in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_hub()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Text-to-image with a CLIP prior and a latent decoder (unCLIP, Ramesh et al. 2022; latent decoding as in
+Rombach et al. 2022):
+
+    prompt → CLIP tokenizer → CLIP text encoder → (token states, pooled embedding)
+           → diffusion prior → CLIP image embedding
+           → decoder UNet denoising latents (classifier-free guidance) → VAE decoder → image
+
+A pipeline folder has `model_index.json` (which components exist, the noise schedules and sampling settings)
+and one subfolder per component: `tokenizer/`, `text_encoder/`, `image_encoder/` (optional), `prior/`
+(optional), `decoder/`, `vae/`, each holding `config.json` + `model.safetensors` (the tokenizer its vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latent_diffusion.diffusion import (
+    SAMPLERS,
+    Denoiser,
+    NoiseSchedule,
+    ScheduleConfig,
+    default_sampling,
+    get_sampler,
+    initial_noise_scale,
+)
+from latent_diffusion.io import config_from_dict, config_to_dict, find_weights, read_json, save_json
+from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet
+from latent_diffusion.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess, encode_text
+
+OutputType = Literal["pil", "np", "pt"]
+Generators = torch.Generator | list[torch.Generator] | None
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings that belong to a trained pipeline, saved in `model_index.json`."""
+
+    decoder_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prior_schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        beta_schedule="squaredcos_cap_v2", prediction_type="sample"))
+    prior_clip_denoised: float | None = 5.0  # clamp of the prior's x0 in normalised space (Karlo uses ±5)
+    sample_size: int = 64  # default image height and width in pixels
+    # Timestep spacing for every sampler; "trailing" starts at the last training timestep (Lin et al. 2024,
+    # §3.3). None: each sampler's diffusers-default spacing (`default_sampling`).
+    timestep_spacing: str | None = "trailing"
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+
+@dataclass
+class PipelineOutput:
+    """`images`: list of PIL images, an array (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [0, 1].
+    `image_embeds`: the CLIP image embeddings (B, D) that conditioned the decoder (None without a prior)."""
+
+    images: Any
+    image_embeds: torch.Tensor | None = None
+
+
+def _load_transformers(cls: type, folder: Path, **kwargs: Any) -> Any:
+    find_weights(folder)  # refuses pickles and names a missing file before transformers looks
+    return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+
+
+class TextToImagePipeline:
+    """Generate images from prompts. Components: a `transformers` CLIP tokenizer and text encoder
+    (`CLIPTextModelWithProjection`), an optional `DiffusionPrior`, an optional CLIP image encoder
+    (`CLIPVisionModelWithProjection`, for image variations), the decoder `UNet` and the `AutoencoderKL`."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, decoder: UNet, vae: AutoencoderKL,
+                 prior: DiffusionPrior | None = None, image_encoder: Any = None,
+                 config: PipelineConfig | None = None):
+        self.tokenizer, self.text_encoder, self.decoder, self.vae = tokenizer, text_encoder, decoder, vae
+        self.prior, self.image_encoder = prior, image_encoder
+        self.config = config or PipelineConfig()
+        if prior is not None and not decoder.config.uses_image_embeds:
+            raise ValueError("a prior needs a decoder conditioned on image embeddings (UNetConfig.image_embed_dim)")
+        for m in self._modules().values():
+            m.eval().requires_grad_(False)
+
+    # --- components and persistence -----------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"text_encoder": self.text_encoder, "decoder": self.decoder, "vae": self.vae,
+                "prior": self.prior, "image_encoder": self.image_encoder}
+        return {k: v for k, v in mods.items() if v is not None}
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextToImagePipeline:
+        for m in self._modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights."""
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        for name, m in self._modules().items():
+            if isinstance(m, (UNet, AutoencoderKL, DiffusionPrior)):
+                m.save_pretrained(folder / name, dtype=dtype)
+            else:
+                m.save_pretrained(folder / name, safe_serialization=True)
+                if dtype is not None:
+                    _cast_safetensors(folder / name / "model.safetensors", dtype)
+        index = {"_class_name": type(self).__name__, "_version": "0.1.0",
+                 "components": {k: type(m).__name__ for k, m in self._modules().items()}
+                 | {"tokenizer": type(self.tokenizer).__name__},
+                 "config": config_to_dict(self.config)}
+        save_json(folder / MODEL_INDEX, index)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> TextToImagePipeline:
+        """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
+        to `dtype` (fp32 by default)."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"pipeline folder not found: {folder}")
+        index = read_json(folder / MODEL_INDEX)
+        components = index.get("components", {})
+        for required in ("tokenizer", "text_encoder", "decoder", "vae"):
+            if required not in components:
+                raise ValueError(f"{folder / MODEL_INDEX} lists no {required!r} component")
+            if not (folder / required).is_dir():
+                raise FileNotFoundError(f"missing component folder {folder / required}")
+        config = config_from_dict(PipelineConfig, index.get("config", {}), source=str(folder / MODEL_INDEX))
+        dtype = dtype or torch.float32
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoder = _load_transformers(CLIPTextModelWithProjection, folder / "text_encoder", dtype=dtype)
+        image_encoder = None
+        if "image_encoder" in components:
+            image_encoder = _load_transformers(CLIPVisionModelWithProjection, folder / "image_encoder", dtype=dtype)
+        prior = DiffusionPrior.from_pretrained(folder / "prior", dtype=dtype) if "prior" in components else None
+        pipe = cls(tokenizer, text_encoder, UNet.from_pretrained(folder / "decoder", dtype=dtype),
+                   AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config)
+        return pipe.to(device) if device is not None else pipe
+
+    # --- conditioning -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """prompts → (token states (B, L, D_text), pooled embeddings (B, P), attention mask (B, L))."""
+        states, pooled, mask = encode_text(self.tokenizer, self.text_encoder, prompts, device=self.device)
+        return states.to(self.dtype), pooled.to(self.dtype), mask
+
+    @torch.no_grad()
+    def encode_image(self, images: Any) -> torch.Tensor:
+        """PIL image(s) or a tensor (B, 3, H, W) in [0, 1] → CLIP image embeddings (B, D)."""
+        if self.image_encoder is None:
+            raise ValueError("this pipeline has no image_encoder; image variations need one")
+        pixels = _to_tensor(images, self.device, self.dtype)
+        size = self.image_encoder.config.image_size
+        pixels = clip_image_preprocess(pixels, size, self.config.image_mean, self.config.image_std)
+        return self.image_encoder(pixel_values=pixels).image_embeds
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def _sigmas(self, schedule: ScheduleConfig, sampler: str, steps: int) -> torch.Tensor:
+        spacing = self.config.timestep_spacing or default_sampling(sampler)["spacing"]
+        return NoiseSchedule(schedule).sampling_sigmas(steps, spacing=spacing).to(self.device)
+
+    @torch.no_grad()
+    def sample_prior(self, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor], generators: list[torch.Generator],
+                     steps: int, guidance_scale: float, sampler: str, progress: bool = False) -> torch.Tensor:
+        """Sample CLIP image embeddings (B, D) from the prior given the encoded prompts (and the negative ones)."""
+        prior = self.prior
+        assert prior is not None
+        schedule = NoiseSchedule(self.config.prior_schedule)
+        denoise = Denoiser(prior, schedule, clip_denoised=self.config.prior_clip_denoised)
+        states, pooled, mask = (torch.cat([u, c]) for u, c in zip(uncond, text))
+
+        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if guidance_scale == 1.0:
+                return denoise(x, sigma, text_states=text[0], text_embeds=text[1], text_mask=text[2])
+            out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
+                                   text_embeds=pooled, text_mask=mask).chunk(2)
+            return out_u + guidance_scale * (out_c - out_u)  # Ho & Salimans 2022, Eq. 6
+
+        sigmas = self._sigmas(self.config.prior_schedule, sampler, steps)
+        x = _randn((len(generators), prior.config.embed_dim), generators, self.device, self.dtype)
+        x = x * initial_noise_scale(sigmas[0])
+        x = get_sampler(sampler)(guided, x, sigmas, generator=generators, disable_progress=not progress)
+        return prior.denormalize(x)
+
+    @torch.no_grad()
+    def sample_latents(self, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_embeds: torch.Tensor | None,
+                       generators: list[torch.Generator], shape: tuple[int, int], steps: int,
+                       guidance_scale: float, sampler: str, guidance_rescale: float = 0.0,
+                       latents: torch.Tensor | None = None, start: int = 0, progress: bool = False,
+                       callback: Any = None) -> torch.Tensor:
+        """Denoise decoder latents (B, C, h, w). The unconditional branch gets the negative prompt and the null
+        (zero) image embedding — what conditioning dropout trained. `start` skips the first sampling steps
+        (img2img): then `latents` are clean latents noised to that step here."""
+        schedule = NoiseSchedule(self.config.decoder_schedule)
+        denoise = Denoiser(self.decoder, schedule)
+        B = len(generators)
+        img_c = image_embeds
+        img_u = None if image_embeds is None else torch.zeros_like(image_embeds)
+        both_img = None if image_embeds is None else torch.cat([img_u, img_c])
+        states = torch.cat([uncond[0], text[0]])
+        pooled = torch.cat([uncond[1], text[1]])
+
+        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if guidance_scale == 1.0:
+                return denoise(x, sigma, text_states=text[0], image_embeds=img_c, text_embeds=text[1])
+            out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
+                                   image_embeds=both_img, text_embeds=pooled).chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)
+            if guidance_rescale > 0:  # Lin et al. 2024, Eq. 15–16, on the x0 prediction
+                dims = tuple(range(1, out.ndim))
+                rescaled = out * (out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+                out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
+            return out
+
+        sigmas = self._sigmas(self.config.decoder_schedule, sampler, steps)[start:]
+        C = self.decoder.config.in_channels
+        noise = _randn((B, C, *shape), generators, self.device, self.dtype)
+        if latents is None:
+            x = noise * initial_noise_scale(sigmas[0])
+        elif start > 0:
+            x = latents.to(self.device, self.dtype) + sigmas[0] * noise  # VE: x = x0 + σ ε
+        else:
+            x = latents.to(self.device, self.dtype) * initial_noise_scale(sigmas[0])
+        return get_sampler(sampler)(guided, x, sigmas, generator=generators, callback=callback,
+                                    disable_progress=not progress)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: OutputType = "pil") -> Any:
+        """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type`."""
+        images = self.vae.decode(self.vae.from_latents(latents)).float()
+        images = ((images + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+        if output_type == "pt":
+            return images.cpu()
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    def _check(self, steps: int, guidance_scale: float, prior_guidance_scale: float, sampler: str,
+               output_type: str, height: int | None, width: int | None) -> tuple[int, int]:
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        for name, value in (("guidance_scale", guidance_scale), ("prior_guidance_scale", prior_guidance_scale)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of ['pil', 'np', 'pt']")
+        f = self.vae.config.downsample_factor
+        height = self.config.sample_size if height is None else height
+        width = self.config.sample_size if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if value < f or value % f:
+                raise ValueError(f"{name}={value} must be a positive multiple of the VAE factor {f}")
+        return height // f, width // f
+
+    def _generators(self, n: int, seed: int | None, generator: Generators) -> list[torch.Generator]:
+        """One generator per image: image i uses seed + i, so an image from a batch equals the same seed alone."""
+        if generator is not None:
+            gens = generator if isinstance(generator, list) else [generator]
+            if len(gens) == 1 and n > 1:
+                base = int(torch.randint(0, 2**62, (1,), generator=gens[0]).item())
+                gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]
+            if len(gens) != n:
+                raise ValueError(f"got {len(gens)} generators for {n} images; pass one, or one per image")
+            return gens
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 25, prior_num_inference_steps: int = 25, guidance_scale: float = 5.0,
+                 prior_guidance_scale: float = 4.0, sampler: str = "dpmpp_2m", prior_sampler: str | None = None,
+                 guidance_rescale: float = 0.0, seed: int | None = None, generator: Generators = None,
+                 latents: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                 output_type: OutputType = "pil", progress: bool = True, callback: Any = None) -> PipelineOutput:
+        """Generate `num_images_per_prompt` images for each prompt.
+
+        The prior (when present) samples a CLIP image embedding per image, with its own steps, guidance and
+        sampler (`prior_sampler`, default: `sampler`); `image_embeds` (B, D) skips it. Without a prior the
+        decoder is conditioned on the text alone. `seed` seeds image i with seed + i; `generator` may be one
+        generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; pass at least one prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
+                            height, width)
+        prior_sampler = prior_sampler or sampler
+        if prior_sampler not in SAMPLERS:
+            raise ValueError(f"unknown prior_sampler {prior_sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if self.prior is not None and image_embeds is None and prior_num_inference_steps < 1:
+            raise ValueError(f"prior_num_inference_steps must be >= 1, got {prior_num_inference_steps}")
+        n = num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(n)]
+        negatives = [p for p in negatives for _ in range(n)]
+        gens = self._generators(len(prompts), seed, generator)
+        text = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(negatives)
+        if image_embeds is None and self.prior is not None:
+            image_embeds = self.sample_prior(text, uncond, gens, prior_num_inference_steps, prior_guidance_scale,
+                                             prior_sampler, progress)
+        elif image_embeds is not None:
+            image_embeds = image_embeds.to(self.device, self.dtype)
+            if image_embeds.shape[0] != len(prompts):
+                raise ValueError(f"image_embeds has {image_embeds.shape[0]} rows for {len(prompts)} images")
+        x = self.sample_latents(text, uncond, image_embeds, gens, shape, num_inference_steps, guidance_scale,
+                                sampler, guidance_rescale, latents=latents, progress=progress, callback=callback)
+        return PipelineOutput(self.decode_latents(x, output_type), image_embeds)
+
+    def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
+                         guidance_scale: float = 5.0, sampler: str = "dpmpp_2m", seed: int | None = None,
+                         generator: Generators = None, output_type: OutputType = "pil",
+                         progress: bool = True) -> PipelineOutput:
+        """Variations of image(s): decode their CLIP image embeddings with an empty prompt (unCLIP §3.1)."""
+        embeds = self.encode_image(image)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return self([""] * (embeds.shape[0] // num_images_per_prompt), num_images_per_prompt=num_images_per_prompt,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                    seed=seed, generator=generator, image_embeds=embeds, output_type=output_type, progress=progress)
+
+    @torch.no_grad()
+    def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
+                    num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
+                    sampler: str = "dpmpp_2m", seed: int = 0, output_type: OutputType = "pil",
+                    progress: bool = True) -> PipelineOutput:
+        """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
+        `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
+        same seed; when both ends are prompts their text conditioning is interpolated linearly too."""
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+        if not self.decoder.config.uses_image_embeds:
+            raise ValueError("interpolation needs a decoder conditioned on CLIP image embeddings")
+
+        def embed(end: str | Image.Image) -> torch.Tensor:
+            if isinstance(end, str):
+                if self.prior is None:
+                    raise ValueError("interpolating prompts needs a prior")
+                text, uncond = self.encode_prompt([end]), self.encode_prompt([""])
+                return self.sample_prior(text, uncond, self._generators(1, seed, None), num_inference_steps,
+                                         prior_guidance_scale, sampler)
+            return self.encode_image(end)
+
+        ea, eb = embed(a), embed(b)
+        w = torch.linspace(0, 1, num_steps, device=self.device, dtype=self.dtype)
+        embeds = torch.cat([slerp(ea, eb, float(t)) for t in w])
+        prompts = [a if isinstance(a, str) and isinstance(b, str) else ""] * num_steps
+        text = self.encode_prompt(prompts)
+        if isinstance(a, str) and isinstance(b, str):
+            tb = self.encode_prompt([b] * num_steps)
+            lerp = w.view(-1, 1, 1)
+            text = ((1 - lerp) * text[0] + lerp * tb[0], (1 - lerp[:, 0]) * text[1] + lerp[:, 0] * tb[1], text[2])
+        uncond = self.encode_prompt([""] * num_steps)
+        gens = [torch.Generator().manual_seed(seed) for _ in range(num_steps)]
+        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
+                            None, None)
+        x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
+                                progress=progress)
+        return PipelineOutput(self.decode_latents(x, output_type), embeds)
+
+    @torch.no_grad()
+    def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
+                guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str = "dpmpp_2m",
+                seed: int | None = None, generator: Generators = None, output_type: OutputType = "pil",
+                progress: bool = True) -> PipelineOutput:
+        """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
+        towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        pixels = _to_tensor(image, self.device, self.dtype)
+        prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {pixels.shape[0]} images")
+        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
+                            pixels.shape[-2], pixels.shape[-1])
+        latents = self.vae.to_latents(self.vae.encode(pixels * 2 - 1).mode())
+        gens = self._generators(len(prompts), seed, generator)
+        text, uncond = self.encode_prompt(prompts), self.encode_prompt([""] * len(prompts))
+        embeds = None
+        if self.prior is not None:
+            embeds = self.sample_prior(text, uncond, gens, num_inference_steps, prior_guidance_scale, sampler)
+        start = num_inference_steps - int(round(num_inference_steps * strength))
+        if start >= num_inference_steps:
+            return PipelineOutput(self.decode_latents(latents, output_type), embeds)
+        x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
+                                latents=latents, start=start, progress=progress)
+        return PipelineOutput(self.decode_latents(x, output_type), embeds)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between rows of a and b (B, D), interpolating the norm linearly."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    omega = torch.acos((ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so
+    return direction * ((1 - t) * na + t * nb)
+
+
+def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Row i drawn from generators[i] on the CPU (so results do not depend on the device)."""
+    rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """PIL image(s) (RGB) or a tensor (B, 3, H, W) / (3, H, W) in [0, 1] → (B, 3, H, W) in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        t = images if images.ndim == 4 else images[None]
+    else:
+        images = images if isinstance(images, (list, tuple)) else [images]
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"images have different sizes {sorted(sizes)}; resize them to one size")
+        t = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if t.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=dtype)
+
+
+def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file
+
+    from latent_diffusion.io import save_safetensors
+
+    state = load_file(str(path))
+    save_safetensors(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+
+
+__all__ = ["PipelineConfig", "PipelineOutput", "TextToImagePipeline", "slerp"]

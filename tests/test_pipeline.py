@@ -1,0 +1,165 @@
+"""The text-to-image pipeline end to end on a tiny random model: persistence, determinism, shapes, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion.diffusion import SAMPLERS
+from latent_diffusion.pipeline import TextToImagePipeline, slerp
+
+from .conftest import build_tiny_pipeline
+
+FAST = dict(num_inference_steps=3, prior_num_inference_steps=3, progress=False)
+
+
+def test_save_load_gives_identical_images(tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    a = tiny_pipeline("a red circle on the left", seed=3, output_type="np", **FAST)
+    tiny_pipeline.save_pretrained(tmp_path / "again")
+    b = TextToImagePipeline.from_pretrained(tmp_path / "again")("a red circle on the left", seed=3,
+                                                                output_type="np", **FAST)
+    assert a.images.shape == (1, 16, 16, 3)
+    np.testing.assert_array_equal(a.images, b.images)
+    torch.testing.assert_close(a.image_embeds, b.image_embeds, rtol=0, atol=0)
+    index = json.loads((tiny_pipeline_dir / "model_index.json").read_text())
+    assert set(index["components"]) == {"tokenizer", "text_encoder", "image_encoder", "prior", "decoder", "vae"}
+    assert not list(tiny_pipeline_dir.rglob("*.bin")) and not list(tiny_pipeline_dir.rglob("*.pt"))
+
+
+def test_half_precision_folder_loads_in_fp32(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "half")
+    assert pipe.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    a = tiny_pipeline("a blue star", seed=0, output_type="pt", **FAST).images
+    b = pipe("a blue star", seed=0, output_type="pt", **FAST).images
+    assert (a - b).abs().max() < 0.05  # fp16 rounding of the weights only
+
+
+def test_batch_equals_single_and_seeds_differ(tiny_pipeline):
+    batch = tiny_pipeline("a green square", num_images_per_prompt=3, seed=10, output_type="pt", **FAST)
+    alone = tiny_pipeline("a green square", seed=12, output_type="pt", **FAST)
+    torch.testing.assert_close(batch.images[2], alone.images[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.image_embeds[2], alone.image_embeds[0], atol=1e-5, rtol=0)
+    assert (batch.images[0] - batch.images[1]).abs().max() > 1e-3
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
+    by_gen = tiny_pipeline("a green square", num_images_per_prompt=3, generator=gens, output_type="pt", **FAST)
+    torch.testing.assert_close(by_gen.images, batch.images, atol=1e-6, rtol=0)
+
+
+def test_prompt_lists_and_output_types(tiny_pipeline):
+    out = tiny_pipeline(["a red circle", "a blue star"], num_images_per_prompt=2, height=16, width=32, seed=0,
+                        **FAST)
+    assert len(out.images) == 4 and all(isinstance(im, Image.Image) for im in out.images)
+    assert out.images[0].size == (32, 16)
+    assert out.image_embeds.shape == (4, 32)
+    pt = tiny_pipeline("a red circle", seed=0, output_type="pt", **FAST).images
+    assert pt.shape == (1, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_and_guidance_matters(tiny_pipeline, sampler):
+    kw = dict(seed=0, output_type="pt", sampler=sampler, **FAST)
+    a = tiny_pipeline("a yellow star", guidance_scale=1.0, **kw).images
+    b = tiny_pipeline("a yellow star", guidance_scale=7.0, **kw).images
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+
+
+def test_given_image_embeds_skip_the_prior(tiny_pipeline):
+    embeds = torch.randn(2, 32)
+    out = tiny_pipeline("a red circle", num_images_per_prompt=2, image_embeds=embeds, seed=0, output_type="pt",
+                        **FAST)
+    assert torch.equal(out.image_embeds, embeds)
+    other = tiny_pipeline("a red circle", num_images_per_prompt=2, image_embeds=-embeds, seed=0,
+                          output_type="pt", **FAST)
+    assert (out.images - other.images).abs().max() > 1e-4
+
+
+def test_text_only_pipeline(tmp_path):
+    pipe = build_tiny_pipeline(tmp_path, with_prior=False, with_image_encoder=False)
+    out = pipe("a red circle", seed=0, output_type="pt", **FAST)
+    assert out.images.shape == (1, 3, 16, 16) and out.image_embeds is None
+    pipe.save_pretrained(tmp_path / "text-only")
+    index = json.loads((tmp_path / "text-only" / "model_index.json").read_text())
+    assert "prior" not in index["components"]
+    again = TextToImagePipeline.from_pretrained(tmp_path / "text-only")("a red circle", seed=0, output_type="pt",
+                                                                         **FAST)
+    assert torch.equal(out.images, again.images)
+
+
+def test_image_variations_interpolate_img2img(tiny_pipeline):
+    image = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    var = tiny_pipeline.image_variations(image, num_images_per_prompt=2, num_inference_steps=3, seed=0,
+                                         progress=False)
+    assert len(var.images) == 2 and var.image_embeds.shape == (2, 32)
+    torch.testing.assert_close(var.image_embeds[0], var.image_embeds[1])
+
+    frames = tiny_pipeline.interpolate("a red circle", image, num_steps=3, num_inference_steps=3, progress=False)
+    assert len(frames.images) == 3
+    ends = torch.cat([frames.image_embeds[:1], frames.image_embeds[-1:]])
+    assert torch.allclose(ends[1], tiny_pipeline.encode_image(image)[0], atol=1e-4)
+
+    same = tiny_pipeline.img2img(image, "a blue star", strength=0.0, num_inference_steps=4, output_type="pt",
+                                 progress=False).images
+    recon = tiny_pipeline.decode_latents(tiny_pipeline.vae.to_latents(
+        tiny_pipeline.vae.encode(torch.from_numpy(np.asarray(image) / 255.0).permute(2, 0, 1)[None].float() * 2 - 1)
+        .mode()), "pt")
+    torch.testing.assert_close(same, recon)
+    edited = tiny_pipeline.img2img(image, "a blue star", strength=0.5, num_inference_steps=4, seed=0,
+                                   output_type="pt", progress=False).images
+    assert edited.shape == (1, 3, 16, 16) and (edited - same).abs().max() > 1e-4
+
+
+def test_slerp_endpoints_and_norm():
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(slerp(a, b, 0.0), a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, atol=1e-5, rtol=0)
+    mid = slerp(a, b * (a.norm(dim=-1, keepdim=True) / b.norm(dim=-1, keepdim=True)), 0.5)
+    torch.testing.assert_close(mid.norm(dim=-1), a.norm(dim=-1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=15), "multiple of the VAE factor 2"),
+    (dict(width=0), "width=0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(prior_guidance_scale=-0.5), "prior_guidance_scale must be >= 0"),
+    (dict(sampler="plms"), "choose one of"),
+    (dict(output_type="jpg"), "unknown output_type"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+])
+def test_bad_arguments_are_named(tiny_pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline("a red circle", **{**FAST, **kwargs})
+
+
+def test_empty_prompt_list_and_long_prompt(tiny_pipeline):
+    with pytest.raises(ValueError, match="empty list"):
+        tiny_pipeline([], **FAST)
+    with pytest.warns(UserWarning, match="truncated"):
+        out = tiny_pipeline("a red circle " * 20, seed=0, output_type="pt", **FAST)
+    assert out.images.shape == (1, 3, 16, 16)
+
+
+def test_missing_or_pickled_components_are_named(tiny_pipeline_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    (broken / "decoder" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"decoder[/\\]model.safetensors"):
+        TextToImagePipeline.from_pretrained(broken)
+    torch.save({"w": torch.zeros(1)}, broken / "decoder" / "model.bin")
+    with pytest.raises(ValueError, match="refusing to load pickle"):
+        TextToImagePipeline.from_pretrained(broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(FileNotFoundError, match="vae"):
+        TextToImagePipeline.from_pretrained(broken)
+    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
+        TextToImagePipeline.from_pretrained(tmp_path / "nowhere")
+    index = json.loads((tiny_pipeline_dir / "model_index.json").read_text())
+    index["config"]["guidance"] = 3
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "badkey")
+    (tmp_path / "badkey" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="guidance"):
+        TextToImagePipeline.from_pretrained(tmp_path / "badkey")
