@@ -44,10 +44,21 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "confi
             continue
         if isinstance(v, list):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        if isinstance(v, dict) and dataclasses.is_dataclass(hints.get(k)):
-            v = config_from_dict(hints[k], v, source=f"{source}.{k}")
+        sub = dataclass_in(hints.get(k))
+        if isinstance(v, dict) and sub is not None:
+            v = config_from_dict(sub, v, source=f"{source}.{k}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def dataclass_in(hint: Any) -> type | None:
+    """The dataclass a type hint names, directly or inside `X | None`; else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

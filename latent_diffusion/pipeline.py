@@ -126,6 +126,9 @@ class TextToImagePipeline:
         """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
         to `dtype` (fp32 by default)."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         folder = Path(folder)
         if not folder.is_dir():

@@ -202,11 +202,17 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct x: returns (reconstruction (B, 3, H, W), posterior)."""
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct x: returns (reconstruction (B, 3, H, W), posterior). z is the posterior mode unless
+        `sample`; then z = mean + std · noise, with `noise` (B, C, h, w) drawn from `generator` if not given."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        if not sample:
+            z = posterior.mode()
+        elif noise is not None:
+            z = posterior.mean + posterior.std * noise
+        else:
+            z = posterior.sample(generator)
         return self.decode(z), posterior
 
     def to_latents(self, z: torch.Tensor) -> torch.Tensor:

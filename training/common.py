@@ -1,0 +1,91 @@
+"""Pieces the stages share: building the training set from the config and loading finished components."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from training.config import DataConfig
+
+
+def build_dataset(cfg: DataConfig, seed: int, heldout: bool = False) -> Dataset:
+    """The training set described by `cfg`. `heldout` gives a disjoint evaluation set for synthetic sources
+    (another seed) and the same set for user data."""
+    if cfg.source == "shapes":
+        from latent_diffusion.data.shapes import ShapesDataset, parse_pairs
+
+        exclude = parse_pairs(", ".join(cfg.exclude_pairs)) if cfg.exclude_pairs else None
+        n = min(cfg.num_samples, 2048) if heldout else cfg.num_samples
+        return ShapesDataset(n, seed=seed + (1_000_003 if heldout else 0), image_size=cfg.image_size, exclude=exclude)
+    if cfg.source == "emoji":
+        from latent_diffusion.data.emoji import EmojiDataset
+
+        return EmojiDataset(image_size=cfg.image_size)
+    if cfg.source == "image_text":
+        from latent_diffusion.data.image_text import ImageTextDataset
+
+        return ImageTextDataset(dataset_name=cfg.dataset_name, train_data_dir=cfg.train_data_dir,
+                                image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                image_size=cfg.image_size, random_crop=cfg.random_crop and not heldout,
+                                random_flip=cfg.random_flip and not heldout, seed=seed)
+    raise ValueError(f"unknown data source {cfg.source!r}; choose one of ['shapes', 'emoji', 'image_text']")
+
+
+def dataset_captions(dataset: Dataset, limit: int | None = None) -> list[str]:
+    """All captions of a dataset (for tokenizer training), without decoding images where the dataset can."""
+    if hasattr(dataset, "captions"):
+        caps = list(dataset.captions())
+        return caps[:limit] if limit else caps
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [dataset[i]["caption"] for i in range(n)]
+
+
+def load_clip(output_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
+    """The frozen tokenizer, text encoder and image encoder written by `train_clip`."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    from latent_diffusion.io import find_weights
+
+    hf_logging.disable_progress_bar()
+
+    for name in ("text_encoder", "image_encoder"):
+        if not (output_dir / name).is_dir():
+            raise FileNotFoundError(f"{output_dir / name} not found: run training.train_clip first")
+        find_weights(output_dir / name)
+    tokenizer = CLIPTokenizer.from_pretrained(output_dir / "tokenizer")
+    text = CLIPTextModelWithProjection.from_pretrained(output_dir / "text_encoder", use_safetensors=True)
+    image = CLIPVisionModelWithProjection.from_pretrained(output_dir / "image_encoder", use_safetensors=True)
+    for m in (text, image):
+        m.to(device).eval().requires_grad_(False)
+    return tokenizer, text, image
+
+
+_TRUNCATION_REPORTED: list[bool] = []
+
+
+@torch.no_grad()
+def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, captions: list[str],
+                 pixel_values: torch.Tensor | None, image_mean: tuple[float, ...],
+                 image_std: tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """Frozen CLIP features of a batch: token states (B, L, D), pooled (B, P), mask (B, L), image embeds (B, P)."""
+    from latent_diffusion.models.clip import clip_image_preprocess, encode_text
+
+    device = next(text_encoder.parameters()).device
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        states, pooled, mask = encode_text(tokenizer, text_encoder, list(captions), device=device)
+    if caught and not _TRUNCATION_REPORTED:
+        _TRUNCATION_REPORTED.append(True)
+        warnings.warn(f"{caught[0].message} (reported once; raise clip.max_length to keep whole captions)",
+                      stacklevel=2)
+    out = {"text_states": states, "text_embeds": pooled, "text_mask": mask}
+    if image_encoder is not None and pixel_values is not None:
+        pixels = ((pixel_values.to(device) + 1) / 2).clamp(0, 1)
+        pixels = clip_image_preprocess(pixels, image_encoder.config.image_size, image_mean, image_std)
+        out["image_embeds"] = image_encoder(pixel_values=pixels).image_embeds
+    return out

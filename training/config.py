@@ -1,0 +1,213 @@
+"""Experiment configs: one YAML file describes the data and every stage; `--section.key value` overrides it.
+
+Unknown keys are refused by name; the resolved config is saved into the output folder as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from latent_diffusion.diffusion import ScheduleConfig
+from latent_diffusion.io import atomic_write_bytes, config_from_dict, dataclass_in
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings shared by every stage. `batch_size` is per process and micro-step; the global
+    batch is batch_size × processes × grad_accum."""
+
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float | None = None  # None: no EMA weights
+    checkpoint_every: int = 500
+    checkpoint_limit: int = 2
+    log_every: int = 25
+    validate_every: int = 0  # 0: validate only at the end
+    num_workers: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["shapes", "emoji", "image_text"] = "shapes"
+    num_samples: int = 20000  # synthetic sources: size of the (deterministic) training set
+    image_size: int = 64
+    exclude_pairs: tuple[str, ...] = ()  # shapes: "colour shape" pairs never shown in training
+    dataset_name: str | None = None  # image_text: a hub name / parquet / csv / json path
+    train_data_dir: str | None = None  # image_text: an imagefolder with metadata.jsonl / metadata.csv
+    image_column: str = "image"
+    caption_column: str = "text"
+    random_crop: bool = False
+    random_flip: bool = False
+    validation_prompts: tuple[str, ...] = ("a red circle on the left", "a large blue square in the center",
+                                           "a green star above a yellow triangle")
+
+
+@dataclass(frozen=True)
+class ClipStageConfig:
+    preset: str = "small"
+    vocab_size: int = 1024
+    max_length: int = 32  # tokens per caption (CLIP's context length)
+    pretrained: str | None = None  # a folder holding a CLIPModel + tokenizer: skip training
+    temperature_init: float = 0.07
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1, batch_size=128))
+
+
+@dataclass(frozen=True)
+class VaeStageConfig:
+    channels: tuple[int, ...] = (32, 64, 128)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_groups: int = 16
+    mid_attention: bool = True
+    kl_weight: float = 1e-6
+    l2_weight: float = 0.0
+    crop_size: int | None = None  # train on random crops (autoencoders are convolutional)
+    scale_batches: int = 8  # batches used to measure the latent scaling factor
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, warmup_steps=50))
+
+
+@dataclass(frozen=True)
+class PriorStageConfig:
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        beta_schedule="squaredcos_cap_v2", prediction_type="sample"))
+    text_dropout: float = 0.1
+    stats_batches: int = 16  # batches used for the image-embedding mean/std
+    heldout_captions: int = 256
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.01, ema_decay=0.999))
+
+
+@dataclass(frozen=True)
+class DecoderStageConfig:
+    channels: tuple[int, ...] = (64, 128, 256)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 2
+    heads: tuple[int, ...] = (4, 4, 4)
+    transformer_depth: tuple[int, ...] = (1, 1, 1)
+    norm_groups: int = 32
+    image_context_tokens: int = 4
+    use_pooled_text: bool = True
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text_dropout: float = 0.1
+    image_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    cache: bool = False  # precompute latents and CLIP embeddings once
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, ema_decay=0.999))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipStageConfig = field(default_factory=ClipStageConfig)
+    vae: VaeStageConfig = field(default_factory=VaeStageConfig)
+    prior: PriorStageConfig | None = field(default_factory=PriorStageConfig)  # None: text-only decoder
+    decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
+
+
+def _coerce(text: str, like: Any, hint: Any) -> Any:
+    """Parse a command-line override with YAML, then check it fits the field's type loosely."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            pass
+    if isinstance(like, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = ExperimentConfig) -> dict[str, Any]:
+    """Apply `--a.b.c value` pairs to a nested dict, refusing keys the config does not have (by name)."""
+    if len(overrides) % 2:
+        raise ValueError(f"overrides come in '--key value' pairs, got {overrides}")
+    for flag, text in zip(overrides[::2], overrides[1::2]):
+        if not flag.startswith("--"):
+            raise ValueError(f"expected an override like --decoder.optim.lr, got {flag!r}")
+        path = flag[2:].replace("-", "_").split(".")
+        node, node_cls = data, cls
+        for i, key in enumerate(path):
+            fields = {f.name: f for f in dataclasses.fields(node_cls)}
+            if key not in fields:
+                where = ".".join(path[:i]) or "the top level"
+                raise ValueError(f"unknown config key {flag!r}: {where} has keys {sorted(fields)}")
+            hint = typing.get_type_hints(node_cls)[key]
+            sub = dataclass_in(hint)
+            if i == len(path) - 1:
+                default = getattr(node_cls(), key) if _has_defaults(node_cls) else None
+                node[key] = _coerce(text, default, hint)
+            else:
+                if sub is None:
+                    raise ValueError(f"config key {'.'.join(path[:i + 1])} is not a section")
+                node = node.setdefault(key, {}) if node.get(key) is not None else node.setdefault(key, {})
+                if node is None:
+                    node = data[key] = {}
+                node_cls = sub
+    return data
+
+
+def _has_defaults(cls: type) -> bool:
+    try:
+        cls()
+        return True
+    except TypeError:
+        return False
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (None: all defaults), apply overrides, and validate every key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(ExperimentConfig, data, source=str(path or "config"))
+
+
+def config_to_yaml(config: Any) -> str:
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    atomic_write_bytes(path, config_to_yaml(config).encode())
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, then overrides."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Any config key can be overridden as '--section.key value', e.g. '--decoder.optim.lr 1e-4'.")
+    parser.add_argument("--config", default=None, help="YAML experiment config (default: built-in defaults)")
+    parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    return parser

@@ -1,0 +1,336 @@
+"""The training machinery every stage shares, written once: Accelerate set-up, step-indexed data, per-step
+randomness, AdamW with warmup + cosine/constant LR, EMA, atomic checkpoints with exact resume, NaN guard,
+JSONL metrics and a tqdm bar on the main process.
+
+Exactness by construction: the samples of global step s, and the noise drawn for them, depend only on
+(seed, s), never on how many processes run or where a run was resumed. Each process takes its contiguous
+slice of the global batch, and DDP averages the gradients, so a 2-process run equals a 1-process run with
+the same global batch, and a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from training.config import ExperimentConfig, OptimConfig, load_config, save_config
+
+
+@dataclass
+class Stage:
+    """What a stage's `main()` works with: the config, the Accelerator and its folders."""
+
+    name: str
+    config: ExperimentConfig
+    accelerator: Accelerator
+    output_dir: Path  # the pipeline folder all stages write into
+    work_dir: Path  # output_dir/_work/<stage>: checkpoints, metrics, validation images
+    max_steps: int
+    resume: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def done(self, component: str) -> bool:
+        """True when this stage's finished output exists (so `train_all` can skip it)."""
+        return (self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()
+
+    def mark_done(self) -> None:
+        if self.is_main:
+            (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+
+def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[ExperimentConfig], OptimConfig],
+                cpu: bool = False) -> Stage:
+    """Parse the config, start Accelerate with the stage's mixed precision, create the folders and save the
+    resolved config (main process only)."""
+    config = load_config(args.config, overrides)
+    oc = optim(config)
+    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu)
+    set_seed(config.seed)
+    output_dir = Path(args.output_dir)
+    work_dir = output_dir / "_work" / name
+    if accelerator.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    max_steps = args.max_steps if args.max_steps is not None else oc.max_steps
+    return Stage(name, config, accelerator, output_dir, work_dir, max_steps, args.resume)
+
+
+# --- data and randomness indexed by step -------------------------------------------------------------------
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields, for global steps start..max_steps-1 and each accumulation micro-step, this process's slice of
+    the global batch. Epoch e visits the dataset in the order of a permutation seeded by (seed, e)."""
+
+    def __init__(self, size: int, batch_size: int, grad_accum: int, seed: int, rank: int, world: int,
+                 start_step: int, max_steps: int):
+        if size < 1:
+            raise ValueError("the training dataset is empty")
+        self.size, self.batch, self.accum, self.seed = size, batch_size, grad_accum, seed
+        self.rank, self.world, self.start, self.stop = rank, world, start_step, max_steps
+
+    def global_indices(self, step: int, micro: int) -> np.ndarray:
+        per_step = self.batch * self.world * self.accum
+        first = (step * self.accum + micro) * self.batch * self.world
+        positions = np.arange(first, first + self.batch * self.world)
+        out = np.empty_like(positions)
+        for epoch in np.unique(positions // self.size):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.size)
+            sel = positions // self.size == epoch
+            out[sel] = perm[positions[sel] % self.size]
+        assert len(out) == per_step // self.accum
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                idx = self.global_indices(step, micro)
+                yield idx[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum
+
+
+class StepRandom:
+    """Random draws for one micro-step, identical whatever the number of processes: each draw is made for
+    the whole global batch from a generator seeded by (seed, step, micro), and this process keeps its rows."""
+
+    def __init__(self, seed: int, step: int, micro: int, rank: int, world: int, batch: int, device: torch.device):
+        self.gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, micro, 7]).integers(2**62)))
+        self.lo, self.hi, self.n, self.device = rank * batch, (rank + 1) * batch, batch * world, device
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(self.n, *shape, generator=self.gen)[self.lo:self.hi].to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        return torch.rand(self.n, generator=self.gen)[self.lo:self.hi].to(self.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.n,), generator=self.gen)[self.lo:self.hi].to(self.device)
+
+
+# --- optimisation pieces -----------------------------------------------------------------------------------
+def make_optimizer(params: Any, oc: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019); the fused kernel on CUDA."""
+    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def lr_factor(step: int, oc: OptimConfig, max_steps: int) -> float:
+    """Linear warmup, then constant or cosine decay to 0 at `max_steps` (Loshchilov & Hutter 2017)."""
+    if step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
+    if oc.lr_schedule == "constant":
+        return 1.0
+    progress = (step - oc.warmup_steps) / max(1, max_steps - oc.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EMA:
+    """Exponential moving average of parameters, θ_ema ← d θ_ema + (1 - d) θ, with the warmup
+    d_t = min(d, (1 + t) / (10 + t)). Checkpointed with the run; the exported weights are the EMA ones."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.step = decay, 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with `trainer_state.json`), oldest first."""
+    found = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(stage: Stage, step: int, limit: int) -> Path:
+    """accelerator.save_state into a temporary folder, then an atomic rename: a kill mid-save never leaves a
+    broken checkpoint. Keeps the newest `limit`."""
+    acc = stage.accelerator
+    final = stage.work_dir / f"checkpoint-{step}"
+    tmp = stage.work_dir / f".checkpoint-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(stage.work_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def resolve_resume(stage: Stage) -> Path | None:
+    if stage.resume is None:
+        return None
+    if stage.resume == "latest":
+        found = list_checkpoints(stage.work_dir)
+        if not found:
+            stage.print(f"--resume latest: no checkpoint in {stage.work_dir}; starting from step 0")
+            return None
+        return found[-1]
+    path = Path(stage.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+LossFn = Callable[[torch.nn.Module, Any, StepRandom, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn, oc: OptimConfig,
+        collate: Callable | None = None, validate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
+        params: Any = None) -> torch.nn.Module:
+    """Train `model` for `stage.max_steps` optimiser steps and return the unwrapped model holding the final
+    weights (the EMA weights when `oc.ema_decay` is set).
+
+    loss_fn(model, batch, rnd, step) -> (scalar loss, metrics) computes the loss of this process's micro-batch
+    with `model` as prepared by Accelerate (DDP-wrapped when distributed); randomness must come from `rnd`.
+    """
+    acc = stage.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    optimizer = make_optimizer(params if params is not None else model.parameters(), oc, acc.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, stage.max_steps))
+    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    ema = EMA(acc.unwrap_model(wrapped), oc.ema_decay) if oc.ema_decay else None
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+
+    start = 0
+    checkpoint = resolve_resume(stage)
+    if checkpoint is not None:
+        acc.load_state(str(checkpoint))
+        start = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        stage.print(f"resumed from {checkpoint} at step {start}")
+
+    sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
+                               stage.max_steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=oc.num_workers, collate_fn=collate,
+                        persistent_workers=False)
+    batches = iter(loader)
+    metrics_path = stage.work_dir / "metrics.jsonl"
+    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    wrapped.train()
+    t0, last_good = time.perf_counter(), None
+    for step in range(start, stage.max_steps):
+        logs: dict[str, float] = {}
+        total = torch.zeros((), device=acc.device)
+        for micro in range(oc.grad_accum):
+            batch = next(batches)
+            rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
+            sync = acc.no_sync(wrapped) if micro < oc.grad_accum - 1 else nullcontext()
+            with sync, acc.autocast():
+                loss, extra = loss_fn(wrapped, batch, rnd, step)
+            acc.backward(loss / oc.grad_accum)
+            total += loss.detach() / oc.grad_accum
+            for k, v in extra.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / oc.grad_accum
+        total = acc.reduce(total, reduction="mean")
+        if not torch.isfinite(total):
+            bar.close()
+            raise FloatingPointError(
+                f"{stage.name}: the loss became {total.item()} at step {step}; stopping. The last good checkpoint "
+                f"is {last_good or (list_checkpoints(stage.work_dir) or ['none'])[-1]}. Lower the learning rate "
+                "or use bf16 instead of fp16.")
+        grad_norm = None
+        if oc.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(acc.unwrap_model(wrapped))
+        bar.update(1)
+        done = step + 1
+        if acc.is_main_process and (done % oc.log_every == 0 or done == stage.max_steps):
+            record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
+                      / (time.perf_counter() - t0), **logs}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
+            last_good = save_checkpoint(stage, done, oc.checkpoint_limit)
+        if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
+            _run_validation(stage, wrapped, ema, validate, done, metrics_path)
+    bar.close()
+    if stage.max_steps > start:
+        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit)
+    final = acc.unwrap_model(wrapped)
+    if ema is not None:
+        ema.copy_to(final)
+    final.eval()
+    if validate is not None:
+        _run_validation(stage, wrapped, None, validate, stage.max_steps, metrics_path)
+    return final
+
+
+def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, validate: Callable, step: int,
+                    metrics_path: Path) -> None:
+    acc = stage.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(wrapped)
+        backup = None
+        if ema is not None:
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ema.copy_to(model)
+        model.eval()
+        with torch.no_grad():
+            result = validate(model, step) or {}
+        model.train()
+        if backup is not None:
+            model.load_state_dict(backup)
+        if result:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "validation": result}) + "\n")
+            stage.print(f"[{stage.name} step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    acc.wait_for_everyone()

@@ -1,0 +1,37 @@
+"""Every stage in order — CLIP, VAE, prior, decoder — into one pipeline folder, skipping finished stages.
+
+    accelerate launch -m training.train_all --config configs/shapes/tiny.yaml --output-dir runs/tiny
+    python -m training.train_all --config configs/shapes/tiny.yaml --output-dir runs/tiny   # one process
+
+`--resume latest` resumes the unfinished stage from its newest checkpoint. `--max-steps N` caps every stage.
+Afterwards `TextToImagePipeline.from_pretrained(OUTPUT_DIR)` loads the result.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from training import train_clip, train_decoder, train_prior, train_vae
+from training.config import stage_parser
+
+STAGES = (("clip", train_clip), ("vae", train_vae), ("prior", train_prior), ("decoder", train_decoder))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)  # --help and argument errors, up front
+    from accelerate.state import AcceleratorState
+
+    start = time.perf_counter()
+    for name, module in STAGES:
+        t0 = time.perf_counter()
+        module.main(argv)
+        # Each stage builds its own Accelerator (its own mixed precision); keep the process group.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        print(f"[train_all] {name} finished in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"[train_all] all stages finished in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Stage 4: the latent decoder UNet (Rombach et al. 2022, Eq. 2), conditioned on CLIP text token states and
+on the CLIP image embedding of the training image (unCLIP, Ramesh et al. 2022, §2.1). Text and image
+conditioning are dropped independently (`text_dropout`: empty caption; `image_dropout`: zero embedding) so both
+can be guided. Epsilon or v prediction (from the schedule), min-SNR-γ weighting (Hang et al. 2023) and noise
+offset are options; `cache: true` precomputes the VAE posteriors and CLIP features once.
+
+    accelerate launch -m training.train_decoder --config configs/shapes/tiny.yaml --output-dir runs/tiny
+
+Writes `decoder/` and the pipeline's `model_index.json` (needs `train_clip`, `train_vae` and, when the config
+has a prior, `train_prior` first).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
+from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
+from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
+from training.common import build_dataset, encode_batch, load_clip
+from training.config import ExperimentConfig, stage_parser
+from training.loop import fit, setup_stage
+
+
+class CachedFeatures(Dataset):
+    """Precomputed per-sample tensors (VAE posterior mean/std, CLIP features), built once in fixed order."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
+    prior_schedule = cfg.prior.schedule if cfg.prior else PipelineConfig().prior_schedule
+    return PipelineConfig(decoder_schedule=cfg.decoder.schedule, prior_schedule=prior_schedule,
+                          sample_size=cfg.data.image_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    stage = setup_stage("decoder", args, overrides, lambda c: c.decoder.optim)
+    cfg, acc = stage.config, stage.accelerator
+    if stage.done("decoder"):
+        stage.print(f"decoder: finished output exists in {stage.output_dir}; skipping")
+        return
+    dc, out = cfg.decoder, stage.output_dir
+    pipe_cfg = pipeline_config(cfg)
+    tokenizer, text_encoder, image_encoder = load_clip(out, acc.device)
+    vae = AutoencoderKL.from_pretrained(out / "vae", device=acc.device).requires_grad_(False)
+    use_image = cfg.prior is not None
+    dataset = build_dataset(cfg.data, cfg.seed)
+    empty = encode_batch(tokenizer, text_encoder, None, [""], None, pipe_cfg.image_mean, pipe_cfg.image_std)
+
+    @torch.no_grad()
+    def features(batch: dict) -> dict[str, torch.Tensor]:
+        """VAE posterior (mean, std) and CLIP features of a batch of dataset items."""
+        f = encode_batch(tokenizer, text_encoder, image_encoder if use_image else None, list(batch["caption"]),
+                         batch["pixel_values"], pipe_cfg.image_mean, pipe_cfg.image_std)
+        posterior = vae.encode(batch["pixel_values"].to(acc.device))
+        return {"mean": posterior.mean, "std": posterior.std, **f}
+
+    if dc.cache:
+        stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
+        parts = [{k: v.cpu() for k, v in features(b).items()} for b in loader]
+        dataset = CachedFeatures({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+    tc = text_encoder.config
+    torch.manual_seed(cfg.seed)
+    unet = UNet(UNetConfig(
+        in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels, channels=dc.channels,
+        attention_levels=dc.attention_levels, layers_per_block=dc.layers_per_block, heads=dc.heads,
+        transformer_depth=dc.transformer_depth, context_dim=tc.hidden_size, norm_groups=dc.norm_groups,
+        image_embed_dim=image_encoder.config.projection_dim if use_image else None,
+        image_context_tokens=dc.image_context_tokens if use_image else 0,
+        pooled_text_dim=tc.projection_dim if dc.use_pooled_text else None))
+    if dc.optim.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    schedule = NoiseSchedule(dc.schedule)
+
+    def loss_fn(model, batch, rnd, step):
+        f = batch if dc.cache else features(batch)
+        f = {k: v.to(acc.device) for k, v in f.items()}
+        B = f["mean"].shape[0]
+        latents = vae.to_latents(f["mean"] + f["std"] * rnd.randn(*f["mean"].shape[1:]))
+        drop_text, drop_image = rnd.rand() < dc.text_dropout, rnd.rand() < dc.image_dropout
+        states = torch.where(drop_text[:, None, None], empty["text_states"].expand(B, -1, -1), f["text_states"])
+        pooled = torch.where(drop_text[:, None], empty["text_embeds"].expand(B, -1), f["text_embeds"])
+        image = None
+        if use_image:
+            image = torch.where(drop_image[:, None], torch.zeros_like(f["image_embeds"]), f["image_embeds"])
+        t = rnd.randint(schedule.num_train_timesteps)
+        noise = rnd.randn(*latents.shape[1:])
+        if dc.noise_offset:  # a per-channel constant shift of the noise (Guttenberg 2023)
+            noise = noise + dc.noise_offset * rnd.randn(latents.shape[1], 1, 1)
+
+        def model_fn(x_t, tt):
+            return model(x_t, tt, states, image, pooled)
+
+        loss = diffusion_loss(model_fn, latents, schedule, timesteps=t, noise=noise, min_snr_gamma=dc.min_snr_gamma)
+        return loss, {}
+
+    prior = DiffusionPrior.from_pretrained(out / "prior", device=acc.device) if use_image else None
+
+    def assemble(model: UNet) -> TextToImagePipeline:
+        return TextToImagePipeline(tokenizer, text_encoder, model, vae, prior, image_encoder if use_image else None,
+                                   pipe_cfg)
+
+    def validate(model, step):
+        from latent_diffusion.cli import make_grid
+
+        pipe = assemble(model)
+        images = pipe(list(cfg.data.validation_prompts), num_images_per_prompt=4, num_inference_steps=25,
+                      seed=0, progress=False).images
+        make_grid(images, columns=4).save(stage.work_dir / f"validation-{step:07d}.png")
+        model.requires_grad_(True)  # the pipeline freezes its components; this one is still training
+        return {}
+
+    unet = fit(stage, unet, dataset, loss_fn, dc.optim, validate=validate, collate=None)
+    if acc.is_main_process:
+        assemble(unet).save_pretrained(out)
+    stage.mark_done()
+    acc.wait_for_everyone()
+    stage.print(f"decoder: wrote the pipeline to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Stage 2: the KL autoencoder (Rombach et al. 2022, §3): L1 (+ optional L2) reconstruction plus a small-weight
+KL to N(0, I); afterwards the latent scaling factor 1/std(z) is measured on training data and stored in the
+VAE config (Rombach et al. 2022, App. G).
+
+    accelerate launch -m training.train_vae --config configs/shapes/tiny.yaml --output-dir runs/tiny
+
+Writes `vae/` into the output folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from latent_diffusion.models import AutoencoderKL, AutoencoderKLConfig
+from training.common import build_dataset
+from training.config import stage_parser
+from training.loop import fit, setup_stage
+
+
+def random_crop(x: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:
+    """One random size×size crop per image; offsets from uniforms u (B, 2) in [0, 1). x: (B, C, H, W)."""
+    H, W = x.shape[-2:]
+    tops = (u[:, 0] * (H - size + 1)).long().tolist()
+    lefts = (u[:, 1] * (W - size + 1)).long().tolist()
+    return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(x, tops, lefts)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim)
+    cfg, acc = stage.config, stage.accelerator
+    if stage.done("vae"):
+        stage.print(f"vae: finished output exists in {stage.output_dir}; skipping")
+        return
+    vc = cfg.vae
+    dataset = build_dataset(cfg.data, cfg.seed)
+    heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=vc.channels, latent_channels=vc.latent_channels,
+                                            layers_per_block=vc.layers_per_block, norm_groups=vc.norm_groups,
+                                            mid_attention=vc.mid_attention, scaling_factor=1.0))
+    f = vae.config.downsample_factor
+    if vc.crop_size is not None and vc.crop_size % f:
+        raise ValueError(f"vae.crop_size={vc.crop_size} must be a multiple of the downsampling factor {f}")
+
+    def loss_fn(model, batch, rnd, step):
+        x = batch["pixel_values"].to(acc.device)
+        if vc.crop_size and vc.crop_size < x.shape[-1]:
+            x = random_crop(x, vc.crop_size, torch.stack([rnd.rand(), rnd.rand()], dim=1))
+        c, f = vae.config.latent_channels, vae.config.downsample_factor
+        recon, posterior = model(x, noise=rnd.randn(c, x.shape[-2] // f, x.shape[-1] // f))
+        l1 = (recon - x).abs().mean()
+        loss = l1 + vc.kl_weight * posterior.kl().mean()
+        if vc.l2_weight:
+            loss = loss + vc.l2_weight * F.mse_loss(recon, x)
+        return loss, {"l1": l1.item()}
+
+    def validate(model, step):
+        x = torch.stack([heldout[i]["pixel_values"] for i in range(min(64, len(heldout)))]).to(acc.device)
+        recon = model.decode(model.encode(x).mode())
+        return {"heldout_l1": (recon - x).abs().mean().item()}
+
+    vae = fit(stage, vae, dataset, loss_fn, vc.optim, validate=validate)
+
+    if acc.is_main_process:
+        # The scaling factor makes the diffusion latents unit-variance (Rombach et al. 2022, App. G).
+        with torch.no_grad():
+            zs = []
+            for b in range(vc.scale_batches):
+                lo = b * vc.optim.batch_size
+                idx = range(lo, min(lo + vc.optim.batch_size, len(dataset)))
+                if not idx:
+                    break
+                x = torch.stack([dataset[i]["pixel_values"] for i in idx]).to(acc.device)
+                zs.append(vae.encode(x).sample(torch.Generator(acc.device).manual_seed(b)).flatten())
+            std = torch.cat(zs).std().item()
+        final = AutoencoderKL(replace(vae.config, scaling_factor=1.0 / std))
+        final.load_state_dict(vae.state_dict())
+        final.save_pretrained(stage.output_dir / "vae")
+        stage.print(f"vae: latent std {std:.4f} → scaling_factor {1 / std:.4f}; wrote {stage.output_dir / 'vae'}")
+    stage.mark_done()
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
