@@ -78,7 +78,7 @@ class VaeStageConfig:
     kl_weight: float = 1e-6
     l2_weight: float = 0.0
     crop_size: int | None = None  # train on random crops (autoencoders are convolutional)
-    scale_batches: int = 8  # batches used to measure the latent scaling factor
+    scale_samples: int = 1024  # training images used to measure the latent scaling factor
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, warmup_steps=50))
 
 
@@ -90,7 +90,7 @@ class PriorStageConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         beta_schedule="squaredcos_cap_v2", prediction_type="sample"))
     text_dropout: float = 0.1
-    stats_batches: int = 16  # batches used for the image-embedding mean/std
+    stats_samples: int = 4096  # training images used for the image-embedding mean/std
     heldout_captions: int = 256
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.01, ema_decay=0.999))
 

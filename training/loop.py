@@ -66,7 +66,9 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Exp
     resolved config (main process only)."""
     config = load_config(args.config, overrides)
     oc = optim(config)
-    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu)
+    # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
+    # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
+    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     output_dir = Path(args.output_dir)
     work_dir = output_dir / "_work" / name
@@ -305,12 +307,29 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if stage.max_steps > start:
         save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit)
     final = acc.unwrap_model(wrapped)
+    check_in_sync(stage, final, metrics_path)
     if ema is not None:
         ema.copy_to(final)
     final.eval()
     if validate is not None:
         _run_validation(stage, wrapped, None, validate, stage.max_steps, metrics_path)
     return final
+
+
+@torch.no_grad()
+def check_in_sync(stage: Stage, model: torch.nn.Module, metrics_path: Path) -> None:
+    """Fail loudly if the processes ended with different weights (a broken distributed set-up)."""
+    acc = stage.accelerator
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    ramp = torch.linspace(-1, 1, flat.numel(), device=flat.device)
+    checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * ramp).sum()])[None]  # (1, 3)
+    gathered = acc.gather(checksum)  # (world, 3)
+    in_sync = bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-6, atol=1e-6))
+    if acc.is_main_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"world_size": acc.num_processes, "ranks_in_sync": in_sync}) + "\n")
+    if not in_sync:
+        raise RuntimeError(f"{stage.name}: processes ended with different weights: checksums {gathered.tolist()}")
 
 
 def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, validate: Callable, step: int,

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prior is None:
         stage.print("prior: disabled in the config (prior: null); nothing to train")
         return
-    if stage.done("prior"):
+    if stage.done("prior") and stage.resume is None:
         stage.print(f"prior: finished output exists in {stage.output_dir}; skipping")
         return
     pc = cfg.prior
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         text_states_dim=tc.hidden_size, max_text_tokens=tokenizer.model_max_length, width=pc.width,
         layers=pc.layers, heads=pc.heads)).to(acc.device)
     # Per-dimension statistics of the training image embeddings (deterministic: the first batches).
-    n_stats = min(len(dataset), pc.stats_batches * pc.optim.batch_size)
+    n_stats = min(len(dataset), pc.stats_samples)
     embeds = torch.cat([features([dataset[i] for i in range(lo, min(lo + 256, n_stats))])["image_embeds"]
                         for lo in range(0, n_stats, 256)])
     prior.set_embedding_stats(embeds.mean(0), embeds.std(0))

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
     stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("vae"):
+    if stage.done("vae") and stage.resume is None:
         stage.print(f"vae: finished output exists in {stage.output_dir}; skipping")
         return
     vc = cfg.vae
@@ -69,13 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     if acc.is_main_process:
         # The scaling factor makes the diffusion latents unit-variance (Rombach et al. 2022, App. G).
         with torch.no_grad():
-            zs = []
-            for b in range(vc.scale_batches):
-                lo = b * vc.optim.batch_size
-                idx = range(lo, min(lo + vc.optim.batch_size, len(dataset)))
-                if not idx:
-                    break
-                x = torch.stack([dataset[i]["pixel_values"] for i in idx]).to(acc.device)
+            zs, n = [], min(len(dataset), vc.scale_samples)
+            for b, lo in enumerate(range(0, n, 256)):
+                x = torch.stack([dataset[i]["pixel_values"] for i in range(lo, min(lo + 256, n))]).to(acc.device)
                 zs.append(vae.encode(x).sample(torch.Generator(acc.device).manual_seed(b)).flatten())
             std = torch.cat(zs).std().item()
         final = AutoencoderKL(replace(vae.config, scaling_factor=1.0 / std))
