@@ -1,0 +1,43 @@
+"""The `latent-diffusion` command line on a tiny random pipeline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from latent_diffusion.cli import main
+
+CLI = str(Path(sys.executable).parent / "latent-diffusion")
+
+
+def test_generate_writes_one_png_per_image(tiny_pipeline_dir, tmp_path, capsys):
+    rc = main(["generate", "a red circle on the left", "--pipeline", str(tiny_pipeline_dir), "--num-images", "2",
+               "--steps", "2", "--prior-steps", "2", "--seed", "5", "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "out" / "seed5.png"), str(tmp_path / "out" / "seed6.png")]
+    assert Image.open(printed[0]).size == (16, 16)
+
+
+def test_generate_grid(tiny_pipeline_dir, tmp_path):
+    rc = main(["generate", "a blue star", "--pipeline", str(tiny_pipeline_dir), "--num-images", "3", "--steps", "2",
+               "--prior-steps", "2", "--sampler", "ddim", "--out", str(tmp_path / "grid.png"), "--quiet"])
+    assert rc == 0 and Image.open(tmp_path / "grid.png").size == (48, 16)
+
+
+def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
+    """The real console script: a clear one-line error, no traceback, a non-zero exit."""
+    cases = [
+        ["--steps", "0", "--pipeline", str(tiny_pipeline_dir)],
+        ["--pipeline", str(tmp_path / "missing")],
+        ["--guidance", "-1", "--pipeline", str(tiny_pipeline_dir)],
+    ]
+    for extra in cases:
+        result = subprocess.run([CLI, "generate", "a red circle", *extra, "--out", str(tmp_path)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([CLI, "generate", "x", "--sampler", "plms"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "invalid choice: 'plms'" in result.stderr
