@@ -57,6 +57,13 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
         "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8),
     },
+    # For the 64×64 shapes data on a CPU budget: 8×8 patches → 64 image tokens, ~1.6M parameters per tower.
+    "shapes": {
+        "projection_dim": 128,
+        "text": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512),
+        "vision": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512,
+                       image_size=64, patch_size=8),
+    },
     # For the 64×64 shapes / emoji data: 8×8 patches → 64 image tokens.
     "small": {
         "projection_dim": 128,
