@@ -1,4 +1,4 @@
-"""The `latent-diffusion` command line: `generate` images from a prompt with a pipeline folder."""
+"""The `latent-diffusion` command line: `generate` images from a prompt, `evaluate` prompt following."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("evaluate", help="score prompt following on the shapes suite",
+                       description="Generate the shapes prompt suite with several samplers and ablations, score every "
+                                   "image with the shapes checker, and write results.json, results.md and grid.png.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--pipeline", default=None, help=f"pipeline folder (default: {default_pipeline()})")
+    e.add_argument("--out", default="evaluation", help="output folder")
+    e.add_argument("--num-prompts", type=int, default=8, help="prompts per group")
+    e.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..K-1)")
+    e.add_argument("--guidance", type=float, default=5.0, help="decoder guidance scale")
+    e.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale")
+    e.add_argument("--heldout", default=None,
+                   help="held-out 'colour shape' pairs, comma separated (default: the pipeline's config.yaml)")
+    e.add_argument("--quick", action="store_true", help="only DPM-Solver++(2M) at 20 steps, plus the ablations")
+    e.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
+    e.add_argument("--device", default="cpu", help="torch device")
+    e.add_argument("--suite-seed", type=int, default=0, help="seed of the prompt suite")
     return parser
 
 
@@ -98,12 +115,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heldout_pairs(folder: Path, text: str | None) -> tuple[tuple[str, str], ...]:
+    from latent_diffusion.data.shapes import parse_pairs
+
+    if text is None:
+        config = folder / "config.yaml"
+        if not config.is_file():
+            return ()
+        import yaml
+
+        text = ", ".join((yaml.safe_load(config.read_text()) or {}).get("data", {}).get("exclude_pairs") or [])
+    return tuple(sorted(parse_pairs(text))) if text.strip() else ()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from latent_diffusion.evaluate import DEFAULT_SETTINGS, evaluate, prompt_suite, save_report, to_markdown
+    from latent_diffusion.pipeline import TextToImagePipeline
+
+    folder = Path(args.pipeline) if args.pipeline else default_pipeline()
+    if not (folder / "model_index.json").is_file():
+        print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
+        return 2
+    for name in ("num_prompts", "seeds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    pipe = TextToImagePipeline.from_pretrained(folder, device=torch.device(args.device))
+    items = prompt_suite(args.num_prompts, args.suite_seed, _heldout_pairs(folder, args.heldout))
+    quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate(pipe, items, seeds=args.seeds, settings=quick if args.quick else DEFAULT_SETTINGS,
+                       ablation_setting=None if args.no_ablations else quick[0], guidance_scale=args.guidance,
+                       prior_guidance_scale=args.prior_guidance, grid_path=out / "grid.png")
+    results["pipeline"] = str(folder)
+    for path in save_report(results, out):
+        print(path)
+    print(out / "grid.png")
+    print(to_markdown(results), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_hub()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,59 @@
+"""The evaluation: prompt suite, Fréchet distance, scoring, and `latent-diffusion evaluate` end to end."""
+
+import json
+
+import numpy as np
+import torch
+
+from latent_diffusion.cli import main
+from latent_diffusion.data.shapes import render
+from latent_diffusion.evaluate import GROUPS, frechet_distance, prompt_suite, score_images
+
+
+def test_prompt_suite_groups_are_deterministic_and_honour_heldout():
+    heldout = (("purple", "star"), ("cyan", "cross"))
+    a, b = prompt_suite(5, 0, heldout), prompt_suite(5, 0, heldout)
+    assert [i.prompt for i in a] == [i.prompt for i in b]
+    assert {i.group for i in a} == set(GROUPS)
+    for item in a:
+        pairs = {(o.color, o.shape) for o in item.spec.objects}
+        if item.group == "heldout":
+            assert len(pairs) == 1 and pairs <= set(heldout)
+        else:
+            assert not pairs & set(heldout)
+        assert {"single": 1, "three": 3, "relation": 2, "heldout": 1}[item.group] == len(item.spec.objects)
+    assert all(i.spec.relations for i in a if i.group == "relation")
+    assert "heldout" not in {i.group for i in prompt_suite(2, 0)}
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 2 + 1
+    # ‖μ‖² = 4, Tr(I + 4I − 2·2I) = 4: total 8.
+    assert abs(frechet_distance(a, b) - 8.0) < 0.25
+    assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_scoring_real_renders_passes_and_wrong_images_fail():
+    items = prompt_suite(6, 1, (("purple", "star"),))
+    rng = np.random.default_rng(0)
+    real = [render(i.spec, rng) for i in items]
+    good = score_images(real, items)
+    assert good["pass_rate"] >= 0.95 and set(good["groups"]) == set(GROUPS)
+    shuffled = score_images(real[1:] + real[:1], items)
+    assert shuffled["pass_rate"] < 0.3 and shuffled["attributes"]["count"] < 1.0
+
+
+def test_evaluate_command_writes_report(tiny_pipeline_dir, tmp_path):
+    rc = main(["evaluate", "--pipeline", str(tiny_pipeline_dir), "--out", str(tmp_path), "--num-prompts", "1",
+               "--seeds", "2", "--quick", "--heldout", "purple star"])
+    assert rc == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["samplers"]) == {"DPM-Solver++(2M) 20"}
+    assert set(results["ablations"]) == {"prior + decoder", "text only", "true image embedding"}
+    assert results["real_images"]["pass_rate"] >= 0.75
+    run = results["samplers"]["DPM-Solver++(2M) 20"]
+    assert 0 <= run["pass_rate"] <= 1 and run["fd_clip"] >= 0
+    assert "| setting | pass rate |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "grid.png").is_file()
