@@ -179,3 +179,8 @@ def test_checker_rejects_mismatched_specs(real):
         if caption(spec) != caption(pairs[(i + 1) % len(pairs)][0])
     ]
     assert np.mean(rejected) >= 0.99
+
+
+def test_captions_without_rendering_match_items():
+    ds = ShapesDataset(20, seed=4, exclude={("red", "circle")})
+    assert ds.captions() == [ds[i]["caption"] for i in range(20)]

@@ -445,6 +445,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         spec = sample_spec(rng, self.exclude)
         return spec, render(spec, rng, self.image_size)
 
+    def captions(self) -> list[str]:
+        """Every caption, in index order, without rendering (for tokenizer training)."""
+        return [caption(sample_spec(np.random.default_rng([self.seed, i]), self.exclude))
+                for i in range(self.num_samples)]
+
     def __getitem__(self, index: int) -> dict:
         spec, image = self.sample(index)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
