@@ -70,6 +70,8 @@ class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections (self-attention when `context` is None).
 
     x: (B, L, dim), context: (B, S, context_dim) -> (B, L, dim).
+    `latent_diffusion.speed.fuse_qkv` may replace the projections by one `to_qkv` (self-attention) or one
+    `to_kv` (cross-attention) Linear; the forward pass below takes whichever is present.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False,
@@ -77,20 +79,38 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.is_cross_attention = context_dim is not None
         context_dim = context_dim or dim
         self.heads, self.upcast, self.backend = heads, upcast, "sdpa"
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim, bias=out_bias)
+        self.to_qkv: nn.Linear | None = None  # set by speed.fuse_qkv (self-attention)
+        self.to_kv: nn.Linear | None = None  # set by speed.fuse_qkv (cross-attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         B, L, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        out = attention(q, k, v, mask, self.backend, self.upcast)
+        if self.to_qkv is not None:
+            if context is None:  # (B, L, 3·dim) -> 3 × (B, H, L, D)
+                q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            else:  # a fused self-attention layer given a context: q rows from x, k/v rows from the context
+                w, b = self.to_qkv.weight, self.to_qkv.bias
+                dim = w.shape[0] // 3
+                q = F.linear(x, w[:dim], None if b is None else b[:dim])
+                q = q.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                kv = F.linear(context, w[dim:], None if b is None else b[dim:])
+                k, v = kv.unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        else:
+            context = x if context is None else context
+            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, D)
+            if self.to_kv is not None:  # (B, S, 2·dim) -> 2 × (B, H, S, D)
+                k, v = self.to_kv(context).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            else:
+                k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        out = attention(q, k, v, mask, self.backend, self.upcast)  # (B, H, L, D)
         return self.to_out(out.transpose(1, 2).reshape(B, L, -1))
 
 

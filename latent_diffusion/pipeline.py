@@ -8,6 +8,10 @@ Rombach et al. 2022):
 A pipeline folder has `model_index.json` (which components exist, the noise schedules and sampling settings)
 and one subfolder per component: `tokenizer/`, `text_encoder/`, `image_encoder/` (optional), `prior/`
 (optional), `decoder/`, `vae/`, each holding `config.json` + `model.safetensors` (the tokenizer its vocabulary).
+Optional as well: `prior_tokenizer/` + `prior_text_encoder/` when the prior reads the prompt with its own CLIP
+(Stable unCLIP with the Karlo prior), and `image_normalizer/` when the decoder takes noise-augmented image
+embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.models.image_normalizer`).
+`TextToImagePipeline.from_diffusers` converts diffusers' Stable unCLIP folders (`latent_diffusion.convert`).
 """
 
 from __future__ import annotations
@@ -29,13 +33,35 @@ from latent_diffusion.diffusion import (
     get_sampler,
     initial_noise_scale,
 )
+from latent_diffusion.diffusion.schedule import FINAL_SIGMAS, SPACINGS, Spacing
 from latent_diffusion.io import config_from_dict, config_to_dict, find_weights, read_json, save_json
-from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet
+from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet, noise_augment
 from latent_diffusion.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess, encode_text
 
 OutputType = Literal["pil", "np", "pt"]
 Generators = torch.Generator | list[torch.Generator] | None
 MODEL_INDEX = "model_index.json"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """A model's default sampler and the timesteps it walks — what a diffusers scheduler config fixes.
+
+    Applies when a call uses `sampler` (the default when the call names none); a call that picks another sampler
+    walks `PipelineConfig.timestep_spacing` instead. `final_sigma="min"` ends at sigma(t=0) rather than 0
+    (diffusers' DDIM with `set_alpha_to_one=False`)."""
+
+    sampler: str = "dpmpp_2m"
+    timestep_spacing: Spacing = "leading"
+    steps_offset: int = 0
+    final_sigma: Literal["zero", "min"] = "zero"
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (("sampler", self.sampler, sorted(SAMPLERS)),
+                                   ("timestep_spacing", self.timestep_spacing, list(SPACINGS)),
+                                   ("final_sigma", self.final_sigma, list(FINAL_SIGMAS))):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,19 @@ class PipelineConfig:
     timestep_spacing: str | None = "trailing"
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    # Default sampler + timesteps per model (converted diffusers schedulers); None: "dpmpp_2m" (the prior: the
+    # decoder's sampler) on `timestep_spacing`.
+    decoder_sampling: SamplingConfig | None = None
+    prior_sampling: SamplingConfig | None = None
+    decoder_clip_denoised: float | None = None  # clamp of the decoder's (guided) x0 prediction; None: off
+    # Whether the text encoders see the padding mask. Stable Diffusion's UNet was trained on CLIP states computed
+    # without it (the padding tokens' states differ), so converted pipelines turn these off.
+    text_attention_mask: bool = True
+    prior_text_attention_mask: bool = True
+    # Stable unCLIP noise augmentation of the decoder's image embeddings (`models.image_normalizer`): None: off;
+    # else the VP schedule that noises them, at `noise_level` unless a call names another level.
+    image_noising_schedule: ScheduleConfig | None = None
+    noise_level: int = 0
 
 
 @dataclass
@@ -63,31 +102,62 @@ class PipelineOutput:
     image_embeds: torch.Tensor | None = None
 
 
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token states (B, L, D), pooled (B, P), mask (B, L)
+
+
 def _load_transformers(cls: type, folder: Path, **kwargs: Any) -> Any:
     find_weights(folder)  # refuses pickles and names a missing file before transformers looks
     return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
 
 
+def _load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype) -> Any:
+    """A `CLIPTextModel` or `CLIPTextModelWithProjection` from a component folder, by its recorded class name."""
+    import transformers
+
+    if class_name not in TEXT_ENCODER_CLASSES:
+        raise ValueError(f"component {folder.name!r} is a {class_name}; supported: {list(TEXT_ENCODER_CLASSES)}")
+    return _load_transformers(getattr(transformers, class_name), folder, dtype=dtype)
+
+
 class TextToImagePipeline:
     """Generate images from prompts. Components: a `transformers` CLIP tokenizer and text encoder
-    (`CLIPTextModelWithProjection`), an optional `DiffusionPrior`, an optional CLIP image encoder
-    (`CLIPVisionModelWithProjection`, for image variations), the decoder `UNet` and the `AutoencoderKL`."""
+    (`CLIPTextModelWithProjection`, or a plain `CLIPTextModel` for a decoder that reads only the token states),
+    an optional `DiffusionPrior` (with, optionally, its own `prior_tokenizer` / `prior_text_encoder`; by default
+    it reads the decoder's), an optional CLIP image encoder (`CLIPVisionModelWithProjection`, for image
+    variations), an optional `ImageNormalizer` (noise augmentation), the decoder `UNet` and the `AutoencoderKL`."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any, decoder: UNet, vae: AutoencoderKL,
                  prior: DiffusionPrior | None = None, image_encoder: Any = None,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None, *, prior_tokenizer: Any = None, prior_text_encoder: Any = None,
+                 image_normalizer: ImageNormalizer | None = None):
         self.tokenizer, self.text_encoder, self.decoder, self.vae = tokenizer, text_encoder, decoder, vae
         self.prior, self.image_encoder = prior, image_encoder
-        self.config = config or PipelineConfig()
+        self.prior_tokenizer, self.prior_text_encoder = prior_tokenizer, prior_text_encoder
+        self.image_normalizer = image_normalizer
+        self.config = config = config or PipelineConfig()
         if prior is not None and not decoder.config.uses_image_embeds:
             raise ValueError("a prior needs a decoder conditioned on image embeddings (UNetConfig.image_embed_dim)")
+        if (prior_tokenizer is None) != (prior_text_encoder is None):
+            raise ValueError("pass prior_tokenizer and prior_text_encoder together (or neither: the prior then "
+                             "reads the decoder's tokenizer and text encoder)")
+        if image_normalizer is not None and config.image_noising_schedule is None:
+            raise ValueError("an image_normalizer needs PipelineConfig.image_noising_schedule")
+        if config.image_noising_schedule is not None:  # the decoder takes [noised embedding, level embedding]
+            width = decoder.config.image_embed_dim
+            embed = (image_normalizer.config.embed_dim if image_normalizer is not None
+                     else prior.config.embed_dim if prior is not None else None)
+            if width is None or (embed is not None and width != 2 * embed):
+                raise ValueError(f"noise-augmented image embeddings need a decoder with image_embed_dim = 2 × the "
+                                 f"embedding width ({embed}), got image_embed_dim={width}")
         for m in self._modules().values():
             m.eval().requires_grad_(False)
 
     # --- components and persistence -----------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"text_encoder": self.text_encoder, "decoder": self.decoder, "vae": self.vae,
-                "prior": self.prior, "image_encoder": self.image_encoder}
+        mods = {"text_encoder": self.text_encoder, "prior_text_encoder": self.prior_text_encoder,
+                "decoder": self.decoder, "vae": self.vae, "prior": self.prior, "image_encoder": self.image_encoder,
+                "image_normalizer": self.image_normalizer}
         return {k: v for k, v in mods.items() if v is not None}
 
     @property
@@ -106,17 +176,19 @@ class TextToImagePipeline:
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights."""
         folder = Path(folder)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
+        tokenizers = {"tokenizer": self.tokenizer, "prior_tokenizer": self.prior_tokenizer}
+        tokenizers = {k: v for k, v in tokenizers.items() if v is not None}
+        for name, tok in tokenizers.items():
+            tok.save_pretrained(folder / name)
         for name, m in self._modules().items():
-            if isinstance(m, (UNet, AutoencoderKL, DiffusionPrior)):
+            if isinstance(m, (UNet, AutoencoderKL, DiffusionPrior, ImageNormalizer)):
                 m.save_pretrained(folder / name, dtype=dtype)
             else:
                 m.save_pretrained(folder / name, safe_serialization=True)
                 if dtype is not None:
                     _cast_safetensors(folder / name / "model.safetensors", dtype)
         index = {"_class_name": type(self).__name__, "_version": "0.1.0",
-                 "components": {k: type(m).__name__ for k, m in self._modules().items()}
-                 | {"tokenizer": type(self.tokenizer).__name__},
+                 "components": {k: type(m).__name__ for k, m in (self._modules() | tokenizers).items()},
                  "config": config_to_dict(self.config)}
         save_json(folder / MODEL_INDEX, index)
 
@@ -125,7 +197,7 @@ class TextToImagePipeline:
                         dtype: torch.dtype | None = None) -> TextToImagePipeline:
         """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
         to `dtype` (fp32 by default)."""
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+        from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -138,25 +210,60 @@ class TextToImagePipeline:
         for required in ("tokenizer", "text_encoder", "decoder", "vae"):
             if required not in components:
                 raise ValueError(f"{folder / MODEL_INDEX} lists no {required!r} component")
-            if not (folder / required).is_dir():
-                raise FileNotFoundError(f"missing component folder {folder / required}")
+        for name in components:
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"missing component folder {folder / name}")
         config = config_from_dict(PipelineConfig, index.get("config", {}), source=str(folder / MODEL_INDEX))
         dtype = dtype or torch.float32
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = _load_transformers(CLIPTextModelWithProjection, folder / "text_encoder", dtype=dtype)
+        text_encoder = _load_text_encoder(folder / "text_encoder", components["text_encoder"], dtype)
         image_encoder = None
         if "image_encoder" in components:
             image_encoder = _load_transformers(CLIPVisionModelWithProjection, folder / "image_encoder", dtype=dtype)
         prior = DiffusionPrior.from_pretrained(folder / "prior", dtype=dtype) if "prior" in components else None
+        extra: dict[str, Any] = {}
+        if "prior_text_encoder" in components:
+            extra["prior_tokenizer"] = CLIPTokenizer.from_pretrained(folder / "prior_tokenizer")
+            extra["prior_text_encoder"] = _load_text_encoder(folder / "prior_text_encoder",
+                                                             components["prior_text_encoder"], dtype)
+        if "image_normalizer" in components:
+            extra["image_normalizer"] = ImageNormalizer.from_pretrained(folder / "image_normalizer", dtype=dtype)
         pipe = cls(tokenizer, text_encoder, UNet.from_pretrained(folder / "decoder", dtype=dtype),
-                   AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config)
+                   AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config, **extra)
+        return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def from_diffusers(cls, folder: str | Path, device: str | torch.device | None = None) -> TextToImagePipeline:
+        """Convert a diffusers `StableUnCLIPPipeline` (text-to-image with a Karlo-style prior) or
+        `StableUnCLIPImg2ImgPipeline` (image variations) folder; see `latent_diffusion.convert`."""
+        from latent_diffusion.convert import pipeline_from_diffusers
+
+        pipe = pipeline_from_diffusers(folder)
         return pipe.to(device) if device is not None else pipe
 
     # --- conditioning -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """prompts → (token states (B, L, D_text), pooled embeddings (B, P), attention mask (B, L))."""
-        states, pooled, mask = encode_text(self.tokenizer, self.text_encoder, prompts, device=self.device)
+    def encode_prompt(self, prompts: list[str]) -> Encoded:
+        """prompts → the decoder's text conditioning: (token states (B, L, D_text), pooled embeddings (B, P),
+        attention mask (B, L))."""
+        states, pooled, mask = encode_text(self.tokenizer, self.text_encoder, prompts, device=self.device,
+                                           use_attention_mask=self.config.text_attention_mask)
+        return states.to(self.dtype), pooled.to(self.dtype), mask
+
+    @property
+    def _prior_reads_decoder_text(self) -> bool:
+        return self.prior_text_encoder is None and \
+            self.config.prior_text_attention_mask == self.config.text_attention_mask
+
+    @torch.no_grad()
+    def encode_prior_prompt(self, prompts: list[str]) -> Encoded:
+        """prompts → the prior's text conditioning (as `encode_prompt`, through the prior's own tokenizer and
+        text encoder when it has them)."""
+        own = self.prior_text_encoder is not None
+        tokenizer = self.prior_tokenizer if own else self.tokenizer
+        encoder = self.prior_text_encoder if own else self.text_encoder
+        states, pooled, mask = encode_text(tokenizer, encoder, prompts, device=self.device,
+                                           use_attention_mask=self.config.prior_text_attention_mask)
         return states.to(self.dtype), pooled.to(self.dtype), mask
 
     @torch.no_grad()
@@ -169,57 +276,101 @@ class TextToImagePipeline:
         pixels = clip_image_preprocess(pixels, size, self.config.image_mean, self.config.image_std)
         return self.image_encoder(pixel_values=pixels).image_embeds
 
+    @torch.no_grad()
+    def augment_image_embeds(self, embeds: torch.Tensor, generators: list[torch.Generator],
+                             noise_level: int | None = None) -> torch.Tensor:
+        """CLIP image embeddings (B, D) → the decoder's image input: unchanged, or with an image-noising
+        schedule the noise-augmented (B, 2D) (`noise_augment`; one draw of noise per image, even at level 0)."""
+        schedule = self.config.image_noising_schedule
+        if schedule is None:
+            return embeds
+        noise = _randn(tuple(embeds.shape), generators, self.device, self.dtype)
+        return noise_augment(embeds, noise, self._noise_level(noise_level), NoiseSchedule(schedule),
+                             self.image_normalizer)
+
+    def _noise_level(self, noise_level: int | None) -> int:
+        """The call's noise level, else the configured one, checked against the image-noising schedule."""
+        level = self.config.noise_level if noise_level is None else noise_level
+        schedule = self.config.image_noising_schedule
+        T = schedule.num_train_timesteps if schedule is not None else None
+        if T is None and noise_level is not None:
+            raise ValueError("noise_level applies to noise-augmented decoders only "
+                             "(PipelineConfig.image_noising_schedule is None)")
+        if T is not None and not 0 <= level < T:
+            raise ValueError(f"noise_level must be in [0, {T - 1}], got {level}")
+        return level
+
     # --- sampling -----------------------------------------------------------------------------------
-    def _sigmas(self, schedule: ScheduleConfig, sampler: str, steps: int) -> torch.Tensor:
+    def _sigmas(self, schedule: ScheduleConfig, sampling: SamplingConfig | None, sampler: str,
+                steps: int) -> torch.Tensor:
+        if sampling is not None and sampling.sampler == sampler:
+            return NoiseSchedule(schedule).sampling_sigmas(
+                steps, spacing=sampling.timestep_spacing, steps_offset=sampling.steps_offset,
+                final_sigma=sampling.final_sigma).to(self.device)
         spacing = self.config.timestep_spacing or default_sampling(sampler)["spacing"]
         return NoiseSchedule(schedule).sampling_sigmas(steps, spacing=spacing).to(self.device)
 
+    def _samplers(self, sampler: str | None, prior_sampler: str | None) -> tuple[str, str]:
+        """The (decoder, prior) samplers of a call: the named ones, else the configured defaults."""
+        c = self.config
+        sampler = sampler or (c.decoder_sampling.sampler if c.decoder_sampling else "dpmpp_2m")
+        prior_sampler = prior_sampler or (c.prior_sampling.sampler if c.prior_sampling else sampler)
+        for name, value in (("sampler", sampler), ("prior_sampler", prior_sampler)):
+            if value not in SAMPLERS:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(SAMPLERS)}")
+        return sampler, prior_sampler
+
     @torch.no_grad()
-    def sample_prior(self, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor], generators: list[torch.Generator],
-                     steps: int, guidance_scale: float, sampler: str, progress: bool = False) -> torch.Tensor:
-        """Sample CLIP image embeddings (B, D) from the prior given the encoded prompts (and the negative ones)."""
+    def sample_prior(self, text: Encoded, uncond: Encoded, generators: list[torch.Generator], steps: int,
+                     guidance_scale: float, sampler: str, progress: bool = False) -> torch.Tensor:
+        """Sample CLIP image embeddings (B, D) from the prior given the prompts and the negative ones, both
+        encoded by `encode_prior_prompt`. Draws the start noise, then the sampler's noise, from `generators`."""
         prior = self.prior
         assert prior is not None
-        schedule = NoiseSchedule(self.config.prior_schedule)
-        denoise = Denoiser(prior, schedule, clip_denoised=self.config.prior_clip_denoised)
+        denoise = Denoiser(prior, NoiseSchedule(self.config.prior_schedule))
+        clip = self.config.prior_clip_denoised
         states, pooled, mask = (torch.cat([u, c]) for u, c in zip(uncond, text))
 
         def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if guidance_scale == 1.0:
-                return denoise(x, sigma, text_states=text[0], text_embeds=text[1], text_mask=text[2])
-            out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
-                                   text_embeds=pooled, text_mask=mask).chunk(2)
-            return out_u + guidance_scale * (out_c - out_u)  # Ho & Salimans 2022, Eq. 6
+                out = denoise(x, sigma, text_states=text[0], text_embeds=text[1], text_mask=text[2])
+            else:
+                out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
+                                       text_embeds=pooled, text_mask=mask).chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)  # Ho & Salimans 2022, Eq. 6
+            # Karlo clips the guided x0 (diffusers' clip_sample), not each branch
+            return out if clip is None else out.clamp(-clip, clip)
 
-        sigmas = self._sigmas(self.config.prior_schedule, sampler, steps)
+        sigmas = self._sigmas(self.config.prior_schedule, self.config.prior_sampling, sampler, steps)
         x = _randn((len(generators), prior.config.embed_dim), generators, self.device, self.dtype)
         x = x * initial_noise_scale(sigmas[0])
         x = get_sampler(sampler)(guided, x, sigmas, generator=generators, disable_progress=not progress)
         return prior.denormalize(x)
 
     @torch.no_grad()
-    def sample_latents(self, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_embeds: torch.Tensor | None,
+    def sample_latents(self, text: Encoded, uncond: Encoded, image_embeds: torch.Tensor | None,
                        generators: list[torch.Generator], shape: tuple[int, int], steps: int,
                        guidance_scale: float, sampler: str, guidance_rescale: float = 0.0,
                        latents: torch.Tensor | None = None, start: int = 0, progress: bool = False,
-                       callback: Any = None) -> torch.Tensor:
-        """Denoise decoder latents (B, C, h, w). The unconditional branch gets the negative prompt and the null
-        (zero) image embedding — what conditioning dropout trained. `start` skips the first sampling steps
-        (img2img): then `latents` are clean latents noised to that step here."""
-        schedule = NoiseSchedule(self.config.decoder_schedule)
-        denoise = Denoiser(self.decoder, schedule)
+                       callback: Any = None, noise_level: int | None = None) -> torch.Tensor:
+        """Denoise decoder latents (B, C, h, w). `image_embeds` are CLIP image embeddings (B, D), noise-augmented
+        here first when the pipeline has an image-noising schedule (their noise is drawn before the latents').
+        The unconditional branch gets the negative prompt and the null (all-zero) decoder image input — what
+        conditioning dropout trained. `start` skips the first sampling steps (img2img): then `latents` are clean
+        latents noised to that step here."""
+        denoise = Denoiser(self.decoder, NoiseSchedule(self.config.decoder_schedule))
+        clip = self.config.decoder_clip_denoised
         B = len(generators)
-        img_c = image_embeds
-        img_u = None if image_embeds is None else torch.zeros_like(image_embeds)
-        both_img = None if image_embeds is None else torch.cat([img_u, img_c])
+        img_c = None if image_embeds is None else self.augment_image_embeds(image_embeds, generators, noise_level)
+        img_u = None if img_c is None else torch.zeros_like(img_c)
+        both_img = None if img_c is None else torch.cat([img_u, img_c])
         states = torch.cat([uncond[0], text[0]])
         pooled = torch.cat([uncond[1], text[1]])
 
         def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if guidance_scale == 1.0:
-                return denoise(x, sigma, text_states=text[0], image_embeds=img_c, text_embeds=text[1])
+                out = denoise(x, sigma, text_states=text[0], image_embeds=img_c, text_embeds=text[1])
+                return out if clip is None else out.clamp(-clip, clip)
             out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
                                    image_embeds=both_img, text_embeds=pooled).chunk(2)
             out = out_u + guidance_scale * (out_c - out_u)
@@ -227,9 +378,9 @@ class TextToImagePipeline:
                 dims = tuple(range(1, out.ndim))
                 rescaled = out * (out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
                 out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
-            return out
+            return out if clip is None else out.clamp(-clip, clip)
 
-        sigmas = self._sigmas(self.config.decoder_schedule, sampler, steps)[start:]
+        sigmas = self._sigmas(self.config.decoder_schedule, self.config.decoder_sampling, sampler, steps)[start:]
         C = self.decoder.config.in_channels
         noise = _randn((B, C, *shape), generators, self.device, self.dtype)
         if latents is None:
@@ -273,7 +424,9 @@ class TextToImagePipeline:
         return height // f, width // f
 
     def _generators(self, n: int, seed: int | None, generator: Generators) -> list[torch.Generator]:
-        """One generator per image: image i uses seed + i, so an image from a batch equals the same seed alone."""
+        """One generator per image: image i uses seed + i, so an image from a batch equals the same seed alone.
+        A single generator for a single image is used as it is: it then draws, in order, the prior's start
+        noise, the prior sampler's noise, the image-embedding noise and the latents — diffusers' order."""
         if generator is not None:
             gens = generator if isinstance(generator, list) else [generator]
             if len(gens) == 1 and n > 1:
@@ -289,16 +442,19 @@ class TextToImagePipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 25, prior_num_inference_steps: int = 25, guidance_scale: float = 5.0,
-                 prior_guidance_scale: float = 4.0, sampler: str = "dpmpp_2m", prior_sampler: str | None = None,
+                 prior_guidance_scale: float = 4.0, sampler: str | None = None, prior_sampler: str | None = None,
                  guidance_rescale: float = 0.0, seed: int | None = None, generator: Generators = None,
                  latents: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                 output_type: OutputType = "pil", progress: bool = True, callback: Any = None) -> PipelineOutput:
+                 output_type: OutputType = "pil", progress: bool = True, callback: Any = None,
+                 noise_level: int | None = None) -> PipelineOutput:
         """Generate `num_images_per_prompt` images for each prompt.
 
         The prior (when present) samples a CLIP image embedding per image, with its own steps, guidance and
-        sampler (`prior_sampler`, default: `sampler`); `image_embeds` (B, D) skips it. Without a prior the
-        decoder is conditioned on the text alone. `seed` seeds image i with seed + i; `generator` may be one
-        generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
+        sampler; `image_embeds` (B, D) skips it. Without a prior the decoder is conditioned on the text alone.
+        `sampler` / `prior_sampler` default to the pipeline's configured samplers (`PipelineConfig.
+        decoder_sampling` / `prior_sampling`), else "dpmpp_2m" and the decoder's. `noise_level` overrides
+        `PipelineConfig.noise_level` (noise-augmented decoders only). `seed` seeds image i with seed + i;
+        `generator` may be one generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -308,13 +464,12 @@ class TextToImagePipeline:
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        sampler, prior_sampler = self._samplers(sampler, prior_sampler)
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             height, width)
-        prior_sampler = prior_sampler or sampler
-        if prior_sampler not in SAMPLERS:
-            raise ValueError(f"unknown prior_sampler {prior_sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.prior is not None and image_embeds is None and prior_num_inference_steps < 1:
             raise ValueError(f"prior_num_inference_steps must be >= 1, got {prior_num_inference_steps}")
+        self._noise_level(noise_level)
         n = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(n)]
         negatives = [p for p in negatives for _ in range(n)]
@@ -322,31 +477,37 @@ class TextToImagePipeline:
         text = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negatives)
         if image_embeds is None and self.prior is not None:
-            image_embeds = self.sample_prior(text, uncond, gens, prior_num_inference_steps, prior_guidance_scale,
-                                             prior_sampler, progress)
+            prior_text, prior_uncond = (text, uncond) if self._prior_reads_decoder_text else \
+                (self.encode_prior_prompt(prompts), self.encode_prior_prompt(negatives))
+            image_embeds = self.sample_prior(prior_text, prior_uncond, gens, prior_num_inference_steps,
+                                             prior_guidance_scale, prior_sampler, progress)
         elif image_embeds is not None:
             image_embeds = image_embeds.to(self.device, self.dtype)
             if image_embeds.shape[0] != len(prompts):
                 raise ValueError(f"image_embeds has {image_embeds.shape[0]} rows for {len(prompts)} images")
         x = self.sample_latents(text, uncond, image_embeds, gens, shape, num_inference_steps, guidance_scale,
-                                sampler, guidance_rescale, latents=latents, progress=progress, callback=callback)
+                                sampler, guidance_rescale, latents=latents, progress=progress, callback=callback,
+                                noise_level=noise_level)
         return PipelineOutput(self.decode_latents(x, output_type), image_embeds)
 
     def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
-                         guidance_scale: float = 5.0, sampler: str = "dpmpp_2m", seed: int | None = None,
-                         generator: Generators = None, output_type: OutputType = "pil",
-                         progress: bool = True) -> PipelineOutput:
-        """Variations of image(s): decode their CLIP image embeddings with an empty prompt (unCLIP §3.1)."""
+                         guidance_scale: float = 5.0, sampler: str | None = None, seed: int | None = None,
+                         generator: Generators = None, output_type: OutputType = "pil", progress: bool = True,
+                         prompt: str = "", negative_prompt: str | None = None,
+                         noise_level: int | None = None) -> PipelineOutput:
+        """Variations of image(s): decode their CLIP image embeddings (unCLIP §3.1) with `prompt` (default empty;
+        Stable unCLIP's image variations take one too) and, for noise-augmented decoders, `noise_level`."""
         embeds = self.encode_image(image)
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return self([""] * (embeds.shape[0] // num_images_per_prompt), num_images_per_prompt=num_images_per_prompt,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
-                    seed=seed, generator=generator, image_embeds=embeds, output_type=output_type, progress=progress)
+        return self([prompt] * (embeds.shape[0] // num_images_per_prompt), negative_prompt=negative_prompt,
+                    num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, sampler=sampler, seed=seed, generator=generator,
+                    image_embeds=embeds, output_type=output_type, progress=progress, noise_level=noise_level)
 
     @torch.no_grad()
     def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
-                    sampler: str = "dpmpp_2m", seed: int = 0, output_type: OutputType = "pil",
+                    sampler: str | None = None, seed: int = 0, output_type: OutputType = "pil",
                     progress: bool = True) -> PipelineOutput:
         """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
         `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
@@ -355,14 +516,15 @@ class TextToImagePipeline:
             raise ValueError(f"num_steps must be >= 2, got {num_steps}")
         if not self.decoder.config.uses_image_embeds:
             raise ValueError("interpolation needs a decoder conditioned on CLIP image embeddings")
+        sampler, prior_sampler = self._samplers(sampler, None)
 
         def embed(end: str | Image.Image) -> torch.Tensor:
             if isinstance(end, str):
                 if self.prior is None:
                     raise ValueError("interpolating prompts needs a prior")
-                text, uncond = self.encode_prompt([end]), self.encode_prompt([""])
+                text, uncond = self.encode_prior_prompt([end]), self.encode_prior_prompt([""])
                 return self.sample_prior(text, uncond, self._generators(1, seed, None), num_inference_steps,
-                                         prior_guidance_scale, sampler)
+                                         prior_guidance_scale, prior_sampler)
             return self.encode_image(end)
 
         ea, eb = embed(a), embed(b)
@@ -384,13 +546,14 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
-                guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str = "dpmpp_2m",
+                guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str | None = None,
                 seed: int | None = None, generator: Generators = None, output_type: OutputType = "pil",
                 progress: bool = True) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
         towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
+        sampler, prior_sampler = self._samplers(sampler, None)
         pixels = _to_tensor(image, self.device, self.dtype)
         prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
         if len(prompts) != pixels.shape[0]:
@@ -402,7 +565,10 @@ class TextToImagePipeline:
         text, uncond = self.encode_prompt(prompts), self.encode_prompt([""] * len(prompts))
         embeds = None
         if self.prior is not None:
-            embeds = self.sample_prior(text, uncond, gens, num_inference_steps, prior_guidance_scale, sampler)
+            prior_text, prior_uncond = (text, uncond) if self._prior_reads_decoder_text else \
+                (self.encode_prior_prompt(prompts), self.encode_prior_prompt([""] * len(prompts)))
+            embeds = self.sample_prior(prior_text, prior_uncond, gens, num_inference_steps, prior_guidance_scale,
+                                       prior_sampler)
         start = num_inference_steps - int(round(num_inference_steps * strength))
         if start >= num_inference_steps:
             return PipelineOutput(self.decode_latents(latents, output_type), embeds)

@@ -124,6 +124,41 @@ class ExperimentConfig:
     decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the attention projections (q, k, v, out) of each fine-tuned component (Hu et al. 2022)."""
+
+    rank: int = 8
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    feed_forward: bool = False  # also adapt the transformer feed-forward layers
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`training.finetune`: fine-tune a trained pipeline on captioned images, with LoRA adapters or in full.
+
+    `components` are among decoder, prior and text_encoder (the text encoder stays frozen unless listed). The
+    losses follow the training stages: the decoder's (text/image dropout, min-SNR-γ, noise offset) and the prior's."""
+
+    seed: int = 0
+    pipeline: str | None = None  # the base pipeline folder
+    method: Literal["lora", "full"] = "lora"
+    components: tuple[str, ...] = ("decoder",)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="image_text", validation_prompts=()))
+    text_dropout: float = 0.1
+    image_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    validation_images: int = 4  # per validation prompt (no prompts given: the first 4 distinct captions)
+    validation_steps: int = 25
+    validation_guidance: float = 5.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        batch_size=8, lr=1e-4, lr_schedule="constant", warmup_steps=0, max_steps=1000, checkpoint_every=250,
+        validate_every=250, log_every=10))
+
+
 def _coerce(text: str, like: Any, hint: Any) -> Any:
     """Parse a command-line override with YAML, then check it fits the field's type loosely."""
     value = yaml.safe_load(text)
@@ -197,7 +232,7 @@ def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)
 
 
-def save_config(config: ExperimentConfig, path: str | Path) -> None:
+def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> None:
     atomic_write_bytes(path, config_to_yaml(config).encode())
 
 

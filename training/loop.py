@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from training.config import ExperimentConfig, OptimConfig, load_config, save_config
+from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Stage:
     """What a stage's `main()` works with: the config, the Accelerator and its folders."""
 
     name: str
-    config: ExperimentConfig
+    config: ExperimentConfig | FinetuneConfig
     accelerator: Accelerator
     output_dir: Path  # the pipeline folder all stages write into
     work_dir: Path  # output_dir/_work/<stage>: checkpoints, metrics, validation images
@@ -60,11 +60,11 @@ class Stage:
             (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
 
-def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[ExperimentConfig], OptimConfig],
-                cpu: bool = False) -> Stage:
-    """Parse the config, start Accelerate with the stage's mixed precision, create the folders and save the
-    resolved config (main process only)."""
-    config = load_config(args.config, overrides)
+def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
+                cpu: bool = False, config: FinetuneConfig | None = None) -> Stage:
+    """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision,
+    create the folders and save the resolved config (main process only)."""
+    config = load_config(args.config, overrides) if config is None else config
     oc = optim(config)
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).

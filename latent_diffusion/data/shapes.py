@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,15 +68,22 @@ _PAD = 3  # window margin (px) around a component for the soft template fit
 
 @dataclass(frozen=True)
 class ShapeObject:
-    """One shape in a scene: palette colour name, shape name, size name and grid cell (0–8, row-major)."""
+    """One shape in a scene: palette colour name, shape name, size name and grid cell (0–8, row-major).
+
+    ``rgb`` gives a colour outside the palette (e.g. a new colour taught by fine-tuning): the object is drawn in it
+    and the checker adds it to the palette when scoring a spec that holds it."""
 
     color: str
     shape: str
     size: str
     cell: int
+    rgb: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        _check_name("colour", self.color, COLORS)
+        if self.rgb is None:
+            _check_name("colour", self.color, COLORS)
+        else:
+            object.__setattr__(self, "rgb", _check_rgb(self.color, self.rgb))
         _check_name("shape", self.shape, SHAPES)
         _check_name("size", self.size, SIZES)
         if not (isinstance(self.cell, int) and 0 <= self.cell < 9):
@@ -128,7 +135,8 @@ class SceneSpec:
     def to_dict(self) -> dict:
         """A JSON-able dict (see :meth:`from_dict`)."""
         return {
-            "objects": [{"color": o.color, "shape": o.shape, "size": o.size, "cell": o.cell} for o in self.objects],
+            "objects": [{"color": o.color, "shape": o.shape, "size": o.size, "cell": o.cell}
+                        | ({"rgb": list(o.rgb)} if o.rgb is not None else {}) for o in self.objects],
             "relations": [{"subject": r.subject, "relation": r.relation, "object": r.object} for r in self.relations],
             "stated": [sorted(s) for s in self.stated],
         }
@@ -139,7 +147,8 @@ class SceneSpec:
         if isinstance(d, str):
             d = json.loads(d)
         return cls(
-            objects=tuple(ShapeObject(**o) for o in d["objects"]),
+            objects=tuple(ShapeObject(**{**o, "rgb": tuple(o["rgb"]) if o.get("rgb") else None})
+                          for o in d["objects"]),
             relations=tuple(Relation(**r) for r in d.get("relations", ())),
             stated=tuple(frozenset(s) for s in d.get("stated", ())),
         )
@@ -151,6 +160,27 @@ class SceneSpec:
 def _check_name(kind: str, value: object, valid: Iterable[str]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+
+
+def _check_rgb(name: object, rgb: Sequence[int]) -> tuple[int, int, int]:
+    """A custom colour: a new name (not a palette colour) and three 0–255 integers."""
+    if not isinstance(name, str) or not name or name in COLORS:
+        raise ValueError(f"a custom colour needs a new name (not one of {', '.join(COLORS)}), got {name!r}")
+    values = tuple(rgb)
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"colour {name!r}: rgb must be three integers in 0..255, got {rgb!r}")
+    return tuple(int(v) for v in values)
+
+
+def _palette(extra_colors: Mapping[str, Sequence[int]] | None, spec: SceneSpec | None = None) -> dict:
+    """The built-in palette plus `extra_colors` and the custom colours of `spec`."""
+    palette: dict[str, tuple[int, int, int]] = dict(COLORS)
+    for name, rgb in (extra_colors or {}).items():
+        palette[name] = _check_rgb(name, rgb)
+    for o in spec.objects if spec is not None else ():
+        if o.rgb is not None:
+            palette[o.color] = o.rgb
+    return palette
 
 
 def _validate_pairs(pairs: Iterable[tuple[str, str]] | None) -> frozenset[tuple[str, str]]:
@@ -313,12 +343,12 @@ def edit_spec(spec: SceneSpec, kind: str, rng: np.random.Generator) -> SceneSpec
             candidates = [ShapeObject(c, o.shape, o.size, o.cell) for c in values]
         elif kind == "shape":
             values = [s for s in SHAPES if s != o.shape and all((o.color, s) != (p.color, p.shape) for p in objs)]
-            candidates = [ShapeObject(o.color, s, o.size, o.cell) for s in values]
+            candidates = [replace(o, shape=s) for s in values]
         elif kind == "size":
-            candidates = [ShapeObject(o.color, o.shape, s, o.cell) for s in SIZES if s != o.size]
+            candidates = [replace(o, size=s) for s in SIZES if s != o.size]
         else:  # cell
             used = {p.cell for p in objs}
-            candidates = [ShapeObject(o.color, o.shape, o.size, c) for c in range(9) if c not in used]
+            candidates = [replace(o, cell=c) for c in range(9) if c not in used]
         if kind in ("size", "cell") and kind not in spec.stated[i]:
             continue
         candidates = [c for c in candidates if _layout_ok([*objs[:i], c, *objs[i + 1:]])]
@@ -410,7 +440,8 @@ def render(spec: SceneSpec, rng: np.random.Generator, image_size: int = 64) -> I
         c1, r1 = min(int(np.ceil(x0 + s)), image_size), min(int(np.ceil(y0 + s)), image_size)
         cov = _coverage(obj.shape, x0 - c0, y0 - r0, s, s, r1 - r0, c1 - c0)[..., None]  # (h, w, 1)
         patch = canvas[r0:r1, c0:c1]
-        canvas[r0:r1, c0:c1] = patch * (1 - cov) + np.asarray(COLORS[obj.color], dtype=float) * cov
+        rgb = obj.rgb if obj.rgb is not None else COLORS[obj.color]
+        canvas[r0:r1, c0:c1] = patch * (1 - cov) + np.asarray(rgb, dtype=float) * cov
     return Image.fromarray(np.round(canvas).astype(np.uint8), mode="RGB")
 
 
@@ -577,11 +608,12 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def detect(image: Image.Image | np.ndarray) -> tuple[DetectedObject, ...]:
+def detect(image: Image.Image | np.ndarray,
+           extra_colors: Mapping[str, Sequence[int]] | None = None) -> tuple[DetectedObject, ...]:
     """Segment non-white pixels into components and classify each (largest first, at most 8).
 
-    colour: the palette colour that best explains the component's most saturated half as that colour blended over
-    white (median residual; None if above 60 or paler than 50% coverage);
+    colour: the palette colour (or one of ``extra_colors``, name → RGB) that best explains the component's most
+    saturated half as that colour blended over white (median residual; None if above 60 or paler than 50% coverage);
     shape: every shape is drawn as a soft template placed on the component's coverage map by moments (side from the
     mass, box from the centroid; also compared blurred) and the best soft IoU wins (None below 0.4);
     size: that template's side against 15 / 21.5 px; cell: its box centre on the 3×3 grid.
@@ -592,8 +624,9 @@ def detect(image: Image.Image | np.ndarray) -> tuple[DetectedObject, ...]:
     labels = _label(fg)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     keep = [(int(c), int(i)) for i, c in zip(ids, counts) if c >= _MIN_PIXELS]
-    palette_names = list(COLORS)
-    inks = 255.0 - np.array([COLORS[c] for c in palette_names], dtype=float)  # (8, 3)
+    palette = _palette(extra_colors)  # the 8 palette colours (+ extra ones, e.g. taught by fine-tuning)
+    palette_names = list(palette)
+    inks = 255.0 - np.array([palette[c] for c in palette_names], dtype=float)  # (K, 3)
     found = []
     for count, i in sorted(keep, reverse=True)[:_MAX_DETECTIONS]:
         mask = labels == i
@@ -603,7 +636,7 @@ def detect(image: Image.Image | np.ndarray) -> tuple[DetectedObject, ...]:
         # interior this is the distance to the median interior pixel; it also holds on soft, blurred edges).
         deficit = 255.0 - arr[mask].astype(float)  # (n, 3)
         core = deficit[np.argsort(-np.linalg.norm(deficit, axis=1))[: max(len(deficit) // 2, 1)]]
-        fit = np.clip(core @ inks.T / (inks**2).sum(1), 0.0, 1.0)  # (n, 8) alpha per palette colour
+        fit = np.clip(core @ inks.T / (inks**2).sum(1), 0.0, 1.0)  # (n, K) alpha per palette colour
         residual = np.median(np.linalg.norm(core[:, None, :] - fit[..., None] * inks[None], axis=2), axis=0)
         k = int(residual.argmin())
         color = palette_names[k] if residual[k] <= _MAX_COLOR_DIST and np.median(fit[:, k]) >= _MIN_ALPHA else None
@@ -657,6 +690,9 @@ def check_detections(detected: Sequence[DetectedObject], spec: SceneSpec) -> Che
     return CheckResult(not ordered, ordered, tuple(detected))
 
 
-def check(image: Image.Image | np.ndarray, spec: SceneSpec) -> CheckResult:
-    """Score an image (PIL or (64, 64, 3) uint8 array; other sizes are resized) against a spec."""
-    return check_detections(detect(image), spec)
+def check(image: Image.Image | np.ndarray, spec: SceneSpec,
+          extra_colors: Mapping[str, Sequence[int]] | None = None) -> CheckResult:
+    """Score an image (PIL or (64, 64, 3) uint8 array; other sizes are resized) against a spec. The colours told
+    apart are the palette's, `extra_colors` (name → RGB) and the spec's custom ones (`ShapeObject.rgb`)."""
+    extra = {k: v for k, v in _palette(extra_colors, spec).items() if k not in COLORS}
+    return check_detections(detect(image, extra), spec)

@@ -4,11 +4,13 @@ CLIP (tokenizer, text and vision towers) is used through `transformers`; see `la
 """
 
 from latent_diffusion.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderKLConfig
+from latent_diffusion.models.image_normalizer import ImageNormalizer, ImageNormalizerConfig, noise_augment
 from latent_diffusion.models.prior import PRIOR_PRESETS, DiffusionPrior, DiffusionPriorConfig
 from latent_diffusion.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = [
     "AUTOENCODER_PRESETS", "AutoencoderKL", "AutoencoderKLConfig",
+    "ImageNormalizer", "ImageNormalizerConfig", "noise_augment",
     "PRIOR_PRESETS", "DiffusionPrior", "DiffusionPriorConfig",
     "UNET_PRESETS", "UNet", "UNetConfig",
 ]

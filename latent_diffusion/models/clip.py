@@ -325,12 +325,16 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompts: list[str],
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device | str | None = None,
+                use_attention_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize `prompts` and run the CLIP text encoder.
 
     Pads to `tokenizer.model_max_length` (L) and truncates there, warning once per truncated
     prompt. The attention mask is passed to the encoder, so padding never influences the token
-    states. Gradients are not disabled: wrap in `torch.no_grad()` for a frozen encoder.
+    states — unless `use_attention_mask=False`: then the padding tokens attend to each other, as in
+    Stable Diffusion, whose UNet was trained on those states (CLIP is causal, so the states of the
+    real tokens are the same either way). Gradients are not disabled: wrap in `torch.no_grad()` for
+    a frozen encoder.
 
     Returns:
         token_states: (B, L, D) `last_hidden_state`.
@@ -352,7 +356,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
         device = next(text_encoder.parameters()).device
     input_ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device).bool()
-    out = text_encoder(input_ids=input_ids, attention_mask=mask.long())
+    out = text_encoder(input_ids=input_ids, attention_mask=mask.long() if use_attention_mask else None)
     pooled = getattr(out, "text_embeds", None)
     if pooled is None:
         pooled = out.pooler_output

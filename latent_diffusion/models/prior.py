@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from latent_diffusion.io import load_model, save_model
-from latent_diffusion.layers import Attention, FeedForward, TimestepMLP, timestep_embedding
+from latent_diffusion.io import find_weights, load_model, load_state_dict_checked, read_json, save_model
+from latent_diffusion.layers import Attention, FeedForward, TimestepMLP, rename_keys, timestep_embedding
 
 MASK_VALUE = -10000.0  # additive mask; finite so a fully masked row cannot produce NaNs
 
@@ -141,3 +142,65 @@ class DiffusionPrior(nn.Module):
                         dtype: torch.dtype | None = None) -> DiffusionPrior:
         prior = load_model(cls, folder, device, dtype)
         return prior
+
+    @classmethod
+    def from_diffusers(cls, folder: str | Path) -> DiffusionPrior:
+        """Load a diffusers `PriorTransformer` folder (`config.json` + `diffusion_pytorch_model.safetensors`) of
+        the Karlo / Stable unCLIP kind: the `prd` query token, linear text-state projection, no input-embedding
+        norm, SiLU time MLP, output width = embedding width; `norm_in_type` None or "layer". Anything else is
+        refused by name. The prior's text must then be exactly `num_embeddings` tokens long, as in diffusers."""
+        folder = Path(folder)
+        config = prior_config_from_diffusers(read_json(folder / "config.json"), source=str(folder / "config.json"))
+        state = load_file(str(find_weights(folder, ("diffusion_pytorch_model.safetensors", "model.safetensors"))))
+        state = rename_keys(state, DIFFUSERS_PRIOR_RULES)
+        for key in ("clip_mean", "clip_std"):  # diffusers: (1, D) parameters; ours: (D,) buffers
+            if key in state:
+                state[key] = state[key].reshape(-1)
+        model = cls(config)
+        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=str(folder))
+        return model.eval()
+
+
+def prior_config_from_diffusers(raw: dict, source: str = "config.json") -> DiffusionPriorConfig:
+    """Translate a diffusers `PriorTransformer` config into a `DiffusionPriorConfig`, refusing what our prior
+    does not implement (naming the option and the supported value)."""
+    if raw.get("_class_name", "PriorTransformer") != "PriorTransformer":
+        raise ValueError(f"{source} describes a {raw['_class_name']}, not a PriorTransformer")
+    heads, head_dim = raw.get("num_attention_heads", 32), raw.get("attention_head_dim", 64)
+    width = heads * head_dim
+    embed_dim = raw.get("embedding_dim", 768)
+    # option: (its value, the values we support); None for a size means "derived from the other sizes".
+    supported = {
+        "additional_embeddings": (raw.get("additional_embeddings", 4), (4,)),
+        "added_emb_type": (raw.get("added_emb_type", "prd"), ("prd",)),
+        "encoder_hid_proj_type": (raw.get("encoder_hid_proj_type", "linear"), ("linear",)),
+        "embedding_proj_norm_type": (raw.get("embedding_proj_norm_type"), (None,)),
+        "norm_in_type": (raw.get("norm_in_type"), (None, "layer")),
+        "time_embed_act_fn": (raw.get("time_embed_act_fn", "silu"), ("silu",)),
+        "time_embed_dim": (raw.get("time_embed_dim"), (None, width)),
+        "clip_embed_dim": (raw.get("clip_embed_dim"), (None, embed_dim)),
+    }
+    for key, (value, allowed) in supported.items():
+        if value not in allowed:
+            raise ValueError(f"{source}: unsupported {key}={value!r}; supported: {list(allowed)}")
+    return DiffusionPriorConfig(
+        embed_dim=embed_dim, text_embed_dim=raw.get("embedding_proj_dim") or embed_dim, text_states_dim=embed_dim,
+        max_text_tokens=raw.get("num_embeddings", 77), width=width, layers=raw.get("num_layers", 20), heads=heads,
+        norm_in=raw.get("norm_in_type") == "layer",
+    )
+
+
+# diffusers key → ours, applied in order.
+DIFFUSERS_PRIOR_RULES: list[tuple[str, str]] = [
+    (r"^time_embedding\.", "time_embed."),
+    (r"^embedding_proj\.", "text_embed_proj."),
+    (r"^encoder_hidden_states_proj\.", "text_states_proj."),
+    (r"^prd_embedding$", "query"),
+    (r"^transformer_blocks\.", "blocks."),
+    (r"\.attn1\.to_out\.0\.", ".attn.to_out."),
+    (r"\.attn1\.", ".attn."),
+    (r"\.norm3\.", ".norm2."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.net\.2\.", ".ff.proj_out."),
+    (r"^proj_to_clip_embeddings\.", "proj_out."),
+]

@@ -136,18 +136,22 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if self.linear_projection:
-            h = self.proj_in(h.flatten(2).transpose(1, 2))  # (B, HW, C)
-        else:
-            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a free view under channels_last
+        h = _project(self.proj_in, h)
         for block in self.blocks:
             h = block(h, context)
-        if self.linear_projection:
-            h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
-        else:
-            h = self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+        h = _project(self.proj_out, h).transpose(1, 2).reshape(B, C, H, W)
         return x + h
+
+
+def _project(layer: nn.Linear | nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear, or a 1×1 Conv2d as the same Linear, to tokens (B, L, C_in) -> (B, L, C_out).
+
+    A 1×1 convolution over (B, C, H, W) equals a Linear over the H·W tokens; one GEMM on tokens avoids the
+    convolution's layout reorders and (in training) its much slower backward on CPU."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)
 
 
 class Level(nn.Module):

@@ -1,0 +1,229 @@
+"""Fine-tuning: a LoRA run through the real `accelerate launch`, the LoRA API on a pipeline (load, scale, fuse,
+unfuse, unload), exact resume, full fine-tuning, mixed precision, and the errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import CAPTIONS
+
+pytest.importorskip("peft")
+
+from latent_diffusion.lora import (  # noqa: E402
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA_INDEX,
+    add_lora,
+    fuse_lora,
+    load_lora,
+    lora_components,
+    save_lora,
+    set_lora_scale,
+    unfuse_lora,
+    unload_lora,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+       "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# Small and fast: 2-step sampling for validation grids, a learning rate that moves the adapters visibly in 2 steps.
+FAST = ["--batch-size", "4", "--learning-rate", "1e-3", "--validation_steps", "2", "--validation_images", "1",
+        "--optim.checkpoint_every", "1", "--optim.log_every", "1"]
+SAMPLE = dict(num_inference_steps=2, prior_num_inference_steps=2, seed=0, progress=False, output_type="pt")
+PROMPTS = ["a red circle on the left", "a large blue star"]
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "_work" / "finetune" / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_process(*args: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    from training import finetune
+
+    try:
+        finetune.main(list(args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    """8 captioned images of mixed sizes and modes, plus one unreadable file listed in the metadata."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = []
+    sizes = [(20, 24), (16, 16), (32, 16), (18, 30), (40, 40), (17, 23), (64, 48), (16, 20)]
+    for i, (mode, (w, h)) in enumerate(zip(["RGB", "L", "RGBA", "P", "LA", "RGB", "CMYK", "RGB"], sizes)):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        name = f"{i}.jpg" if mode == "CMYK" else f"{i}.png"
+        image.save(folder / name)
+        rows.append({"file_name": name, "text": CAPTIONS[i * 5]})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows.append({"file_name": "broken.png", "text": "a red circle"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pipeline_dir, imagefolder, tmp_path_factory) -> Path:
+    """A 2-step LoRA fine-tune of the decoder and the prior, launched exactly as a user types it."""
+    out = tmp_path_factory.mktemp("lora") / "out"
+    cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "training.finetune", "--pipeline", str(tiny_pipeline_dir),
+           "--train-data-dir", str(imagefolder), "--method", "lora", "--components", "decoder,prior",
+           "--rank", "4", "--alpha", "8", "--max-steps", "2", "--output-dir", str(out), *FAST]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert "skipped 1 unreadable image(s) of 9" in result.stdout + result.stderr
+    return out
+
+
+def test_lora_launch_writes_safetensors_adapters(lora_run):
+    index = json.loads((lora_run / LORA_INDEX).read_text())
+    assert sorted(index["components"]) == ["decoder", "prior"]  # the text encoder stayed frozen
+    assert not (lora_run / "text_encoder").exists()
+    for component in ("decoder", "prior"):
+        config = json.loads((lora_run / component / ADAPTER_CONFIG).read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+        weights = load_file(str(lora_run / component / ADAPTER_WEIGHTS))  # safetensors, not a pickle
+        assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+        assert {v.dtype for v in weights.values()} == {torch.float32}
+        assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)  # B starts at 0: it trained
+        assert all(k.rsplit(".lora_", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out")) for k in weights)
+    log = metrics(lora_run)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert {"world_size": 1, "ranks_in_sync": True} in log
+    assert {"skipped_images": 1, "dataset_size": 9} in log
+    assert (lora_run / "_work" / "finetune" / "validation-0000000.png").is_file()  # the base model's grid
+    assert (lora_run / "_work" / "finetune" / "validation-0000002.png").is_file()
+
+
+def test_lora_changes_the_output_and_scale_0_or_unload_give_the_base_exactly(tiny_pipeline, lora_run):
+    pipe = tiny_pipeline
+    base = pipe(PROMPTS, **SAMPLE).images
+    base_keys = set(pipe.decoder.state_dict())
+    assert load_lora(pipe, lora_run) == ["decoder", "prior"]
+    adapted = pipe(PROMPTS, **SAMPLE).images
+    assert (adapted - base).abs().max() > 1e-3
+    set_lora_scale(pipe, 0.0)
+    assert torch.equal(pipe(PROMPTS, **SAMPLE).images, base)
+    set_lora_scale(pipe, 1.0)
+    assert torch.equal(pipe(PROMPTS, **SAMPLE).images, adapted)
+    with pytest.raises(ValueError, match="already loaded"):
+        load_lora(pipe, lora_run)
+    unload_lora(pipe)
+    assert lora_components(pipe) == []
+    assert set(pipe.decoder.state_dict()) == base_keys  # plain layers again: the pipeline saves as before
+    assert torch.equal(pipe(PROMPTS, **SAMPLE).images, base)
+
+
+def test_fuse_then_unfuse_restores_the_base_weights(tiny_pipeline, lora_run):
+    pipe = tiny_pipeline
+    base = {k: v.clone() for k, v in pipe.decoder.state_dict().items()}
+    load_lora(pipe, lora_run, scale=0.7)
+    adapted = pipe(PROMPTS, **SAMPLE).images
+    fuse_lora(pipe)
+    torch.testing.assert_close(pipe(PROMPTS, **SAMPLE).images, adapted, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="unfuse_lora"):
+        set_lora_scale(pipe, 1.0)
+    unfuse_lora(pipe)
+    assert torch.equal(pipe(PROMPTS, **SAMPLE).images, adapted)
+    unload_lora(pipe)
+    after = pipe.decoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())  # bit for bit
+    # fuse + unload bakes the LoRA in: the plain pipeline now gives the adapted images.
+    load_lora(pipe, lora_run, scale=0.7)
+    fuse_lora(pipe)
+    unload_lora(pipe)
+    torch.testing.assert_close(pipe(PROMPTS, **SAMPLE).images, adapted, rtol=0, atol=1e-4)
+
+
+def test_resume_continues_exactly(tiny_pipeline_dir, imagefolder, lora_run, tmp_path):
+    """From the first run's step-1 checkpoint to step 2 == the uninterrupted run."""
+    checkpoint = lora_run / "_work" / "finetune" / "checkpoint-1"
+    run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
+                   "decoder,prior", "--rank", "4", "--alpha", "8", "--max-steps", "2", "--output-dir",
+                   str(tmp_path), "--resume", str(checkpoint), *FAST)
+    for component in ("decoder", "prior"):
+        a = load_file(str(lora_run / component / ADAPTER_WEIGHTS))
+        b = load_file(str(tmp_path / component / ADAPTER_WEIGHTS))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    straight = [r for r in metrics(lora_run) if r.get("step") == 2 and "loss" in r]
+    resumed = [r for r in metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in resumed] == [2]  # step 1 is not replayed
+    assert resumed[0]["loss"] == pytest.approx(straight[0]["loss"], rel=1e-6)
+
+
+def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefolder, tmp_path):
+    run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
+                   "decoder,text_encoder", "--max-steps", "1", "--mixed-precision", "bf16", "--output-dir",
+                   str(tmp_path), *FAST)
+    setup = next(r["setup"] for r in metrics(tmp_path) if "setup" in r)
+    assert setup["trainable_dtypes"] == ["torch.float32"]
+    assert setup["frozen_dtypes"] == ["torch.bfloat16"]  # the frozen base is stored in the compute dtype
+    assert sorted(json.loads((tmp_path / LORA_INDEX).read_text())["components"]) == ["decoder", "text_encoder"]
+
+
+def test_full_finetune_writes_a_complete_pipeline(tiny_pipeline_dir, imagefolder, tmp_path):
+    from latent_diffusion import TextToImagePipeline
+
+    run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--method", "full",
+                   "--max-steps", "2", "--output-dir", str(tmp_path), *FAST)
+    resolved = (tmp_path / "config.yaml").read_text()
+    assert "ema_decay: 0.999" in resolved  # EMA is on for full fine-tuning
+    pipe = TextToImagePipeline.from_pretrained(tmp_path)
+    base = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    new, old = pipe.decoder.state_dict(), base.decoder.state_dict()
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+    for name in ("vae", "prior", "text_encoder"):  # not fine-tuned: unchanged
+        a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert pipe(PROMPTS[:1], **SAMPLE).images.shape == (1, 3, 16, 16)
+
+
+def test_a_lora_for_another_architecture_is_refused_by_layer(tiny_pipeline, tmp_path):
+    from latent_diffusion.models import PRIOR_PRESETS, UNET_PRESETS, DiffusionPrior, UNet
+
+    wider = UNet(replace(UNET_PRESETS["tiny-unclip"], channels=(16, 48)))
+    add_lora(wider, rank=4)
+    save_lora(tmp_path / "wider", {"decoder": wider})
+    with pytest.raises(ValueError, match=r"another shape: down\.1\.attn\.0\.blocks\.0\.attn1\.to_k \(adapter 48→48, "
+                                         r"layer 32→32\).*channels=\[16, 48\] vs \[16, 32\]"):
+        load_lora(tiny_pipeline, tmp_path / "wider")
+    prior = DiffusionPrior(PRIOR_PRESETS["tiny"])
+    add_lora(prior, rank=4)
+    save_lora(tmp_path / "swapped", {"decoder": prior})  # a prior's LoRA filed as the decoder's
+    with pytest.raises(ValueError, match=r"does not have: blocks\.0\.attn\.to_k.*trained on a DiffusionPrior"):
+        load_lora(tiny_pipeline, tmp_path / "swapped")
+    assert lora_components(tiny_pipeline) == []  # nothing half-loaded
+    with pytest.raises(FileNotFoundError, match="not a LoRA folder"):
+        load_lora(tiny_pipeline, tmp_path)
+
+
+def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), "red").save(folder / "a.png")
+    args = ["--pipeline", str(tiny_pipeline_dir), "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"no captions: add a metadata\.jsonl .*'file_name'.*'text'"):
+        run_in_process(*args, "--train-data-dir", str(folder))
+    with pytest.raises(ValueError, match=r"--train-data-dir FOLDER or --dataset-name"):
+        run_in_process(*args)
+    with pytest.raises(ValueError, match=r"--components decoder,vae: give distinct names from"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae")
+    with pytest.raises(ValueError, match=r"unknown config key '--lora.rnak'"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--lora.rnak", "4")
