@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=5.0, help="decoder classifier-free guidance scale")
     g.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance scale")
     g.add_argument("--negative-prompt", default=None, help="what the unconditional branch is given")
-    g.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampler for both stages")
+    g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler for both stages (default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
     g.add_argument("--pipeline", default=None,
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    g.add_argument("--lora", default=None, help="a LoRA adapter folder written by training.finetune")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="score prompt following on the shapes suite",
@@ -91,6 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
         return 2
     pipe = TextToImagePipeline.from_pretrained(folder, device=torch.device(args.device))
+    if args.lora:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
     start = time.perf_counter()
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                num_inference_steps=args.steps, prior_num_inference_steps=args.prior_steps,

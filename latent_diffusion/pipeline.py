@@ -173,8 +173,44 @@ class TextToImagePipeline:
             m.to(device=device, dtype=dtype)
         return self
 
+    # --- LoRA adapters (implemented in latent_diffusion.lora) ----------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0, components: list[str] | None = None) -> list[str]:
+        """Load a LoRA adapter folder written by `training.finetune`; returns the components it adapts."""
+        from latent_diffusion.lora import load_lora
+
+        return load_lora(self, path, scale, components)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Scale the loaded LoRA's update (0 gives the base model's outputs)."""
+        from latent_diffusion.lora import set_lora_scale
+
+        set_lora_scale(self, scale)
+
+    def fuse_lora(self) -> None:
+        """Merge the LoRA update into the base weights (faster sampling; `unfuse_lora` undoes it)."""
+        from latent_diffusion.lora import fuse_lora
+
+        fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        from latent_diffusion.lora import unfuse_lora
+
+        unfuse_lora(self)
+
+    def unload_lora(self) -> None:
+        """Remove the LoRA layers (a fused update stays in the weights)."""
+        from latent_diffusion.lora import unload_lora
+
+        unload_lora(self)
+
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights."""
+        from latent_diffusion.lora import lora_components
+
+        adapted = lora_components(self)
+        if adapted:
+            raise ValueError(f"a LoRA is loaded into {adapted}: call unload_lora() first, or fuse_lora() then "
+                             "unload_lora() to save it baked into the weights")
         folder = Path(folder)
         tokenizers = {"tokenizer": self.tokenizer, "prior_tokenizer": self.prior_tokenizer}
         tokenizers = {k: v for k, v in tokenizers.items() if v is not None}

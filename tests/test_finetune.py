@@ -227,3 +227,24 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
         run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae")
     with pytest.raises(ValueError, match=r"unknown config key '--lora.rnak'"):
         run_in_process(*args, "--train-data-dir", str(folder), "--lora.rnak", "4")
+
+
+def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path):
+    from latent_diffusion.cli import main
+
+    pipe = tiny_pipeline
+    base = pipe(PROMPTS, **SAMPLE).images
+    assert pipe.load_lora(lora_run, scale=0.5) == ["decoder", "prior"]
+    with pytest.raises(ValueError, match="unload_lora"):
+        pipe.save_pretrained(tmp_path / "refused")
+    pipe.fuse_lora()
+    pipe.unload_lora()  # the fused update stays: the folder saves with the LoRA baked in
+    pipe.save_pretrained(tmp_path / "baked")
+    assert (pipe(PROMPTS, **SAMPLE).images - base).abs().max() > 1e-4
+    outs = []
+    for extra in ([], ["--lora", str(lora_run), "--lora-scale", "1.0"]):
+        out = tmp_path / f"cli{len(extra)}.png"
+        assert main(["generate", "a red circle", "--pipeline", str(tiny_pipeline_dir), "--steps", "2",
+                     "--prior-steps", "2", "--num-images", "1", "--out", str(out), "--quiet", *extra]) == 0
+        outs.append(np.asarray(Image.open(out), dtype=np.float32))
+    assert np.abs(outs[0] - outs[1]).max() > 0
