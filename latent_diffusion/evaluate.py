@@ -158,6 +158,11 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
                                "prior_guidance_scale": prior_guidance_scale, "samplers": {}, "ablations": {}}
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
     results["real_images"] = {**score_images(real, expanded), "clip_score": 100 * real_text_cos}
+    # The VAE bounds everything the decoder can draw: score the real images after an encode/decode round trip.
+    recon = _reconstruct(pipe, real, batch_size)
+    results["vae_reconstructions"] = {**score_images(recon, expanded),
+                                      "fd_clip": frechet_distance(_image_embeds(pipe, recon, batch_size), real_embeds),
+                                      "clip_score": float("nan")}
     first_images = None
     for name, sampler, steps in settings:
         t0 = time.perf_counter()
@@ -191,6 +196,16 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
     return results
 
 
+def _reconstruct(pipe: Any, images: list[Image.Image], batch_size: int) -> list[Image.Image]:
+    out: list[Image.Image] = []
+    for chunk in _chunks(images, batch_size):
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                              for im in chunk]).to(pipe.device, pipe.dtype)  # (B, 3, H, W) in [-1, 1]
+        latents = pipe.vae.to_latents(pipe.vae.encode(pixels).mode())
+        out += pipe.decode_latents(latents, "pil")
+    return out
+
+
 def _chunks(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
 
@@ -219,17 +234,21 @@ def to_markdown(results: dict[str, Any]) -> str:
     groups = [g for g in GROUPS if any(g in r["groups"] for r in results["samplers"].values())]
     head = ["setting", "pass rate", *groups, *ATTRIBUTES, "FD-CLIP", "CLIP score", "time (s)"]
 
+    def num(value: float | None, fmt: str) -> str:
+        return "—" if value is None or value != value else format(value, fmt)
+
     def row(name: str, r: dict[str, Any]) -> str:
-        cells = [name, f"{r['pass_rate']:.3f}", *(f"{r['groups'].get(g, float('nan')):.3f}" for g in groups),
-                 *(f"{r['attributes'].get(a, float('nan')):.3f}" for a in ATTRIBUTES),
-                 f"{r.get('fd_clip', 0.0):.2f}" if "fd_clip" in r else "—", f"{r['clip_score']:.1f}",
-                 f"{r['seconds']:.0f}" if "seconds" in r else "—"]
+        cells = [name, num(r["pass_rate"], ".3f"), *(num(r["groups"].get(g), ".3f") for g in groups),
+                 *(num(r["attributes"].get(a), ".3f") for a in ATTRIBUTES), num(r.get("fd_clip"), ".2f"),
+                 num(r.get("clip_score"), ".1f"), num(r.get("seconds"), ".0f")]
         return "| " + " | ".join(cells) + " |"
 
     lines = [f"{results['num_prompts']} prompts × {results['seeds']} seeds; decoder guidance "
              f"{results['guidance_scale']}, prior guidance {results['prior_guidance_scale']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(row("real images (checker on renders)", results["real_images"]))
+    if "vae_reconstructions" in results:
+        lines.append(row("real images through the VAE", results["vae_reconstructions"]))
     lines += [row(name, r) for name, r in results["samplers"].items()]
     if results["ablations"]:
         lines += ["", f"Ablations ({results.get('ablation_sampler', '')}):", "",
