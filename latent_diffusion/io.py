@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,8 +48,50 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "confi
         sub = dataclass_in(hints.get(k))
         if isinstance(v, dict) and sub is not None:
             v = config_from_dict(sub, v, source=f"{source}.{k}")
+        else:
+            v = _coerce_field(v, hints.get(k), f"{source}: {k}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def _coerce_field(value: Any, hint: Any, where: str) -> Any:
+    """Check a config value against its field's type hint (loosely), converting ints and numeric strings to
+    floats where a float is expected. Raises ValueError naming the field, the value and what is allowed."""
+    if hint is None or hint is Any:
+        return value
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    options = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [hint]
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where}=None is not allowed; expected {hint}")
+    for option in options:
+        o = typing.get_origin(option)
+        if o is typing.Literal:
+            if value in typing.get_args(option):
+                return value
+        elif option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        elif option is bool and isinstance(value, bool):
+            return value
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option is str and isinstance(value, str):
+            return value
+        elif o is tuple and isinstance(value, tuple):
+            return value
+        elif o is None and isinstance(option, type) and not dataclasses.is_dataclass(option) \
+                and option not in (float, bool, int, str) and isinstance(value, option):
+            return value
+        elif dataclasses.is_dataclass(option) and isinstance(value, option):
+            return value
+    allowed = [list(typing.get_args(o)) if typing.get_origin(o) is typing.Literal else getattr(o, "__name__", str(o))
+               for o in options]
+    raise ValueError(f"{where}={value!r} is not allowed; expected {' or '.join(map(str, allowed))}")
 
 
 def dataclass_in(hint: Any) -> type | None:

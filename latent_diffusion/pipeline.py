@@ -466,7 +466,7 @@ class TextToImagePipeline:
         if generator is not None:
             gens = generator if isinstance(generator, list) else [generator]
             if len(gens) == 1 and n > 1:
-                base = int(torch.randint(0, 2**62, (1,), generator=gens[0]).item())
+                base = int(torch.randint(0, 2**62, (1,), generator=gens[0], device=gens[0].device).item())
                 gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]
             if len(gens) != n:
                 raise ValueError(f"got {len(gens)} generators for {n} images; pass one, or one per image")
@@ -608,8 +608,9 @@ class TextToImagePipeline:
         start = num_inference_steps - int(round(num_inference_steps * strength))
         if start >= num_inference_steps:
             return PipelineOutput(self.decode_latents(latents, output_type), embeds)
+        # strength 1 starts from pure noise: the image is ignored.
         x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
-                                latents=latents, start=start, progress=progress)
+                                latents=latents if start > 0 else None, start=start, progress=progress)
         return PipelineOutput(self.decode_latents(x, output_type), embeds)
 
 
@@ -625,8 +626,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device,
            dtype: torch.dtype) -> torch.Tensor:
-    """Row i drawn from generators[i] on the CPU (so results do not depend on the device)."""
-    rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]
+    """Row i drawn from generators[i], on the generator's device (CPU generators: results do not depend on the
+    device the models run on)."""
+    rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32, device=g.device).cpu() for g in generators]
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 

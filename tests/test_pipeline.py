@@ -163,3 +163,12 @@ def test_missing_or_pickled_components_are_named(tiny_pipeline_dir, tmp_path):
     (tmp_path / "badkey" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="guidance"):
         TextToImagePipeline.from_pretrained(tmp_path / "badkey")
+
+
+def test_img2img_full_strength_ignores_the_image(tiny_pipeline):
+    """strength 1 is text-to-image from pure noise: two different images give the same result."""
+    rng = np.random.default_rng(1)
+    a, b = (Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(2))
+    kw = dict(strength=1.0, num_inference_steps=3, seed=0, output_type="pt", progress=False)
+    torch.testing.assert_close(tiny_pipeline.img2img(a, "a red circle", **kw).images,
+                               tiny_pipeline.img2img(b, "a red circle", **kw).images)

@@ -94,7 +94,8 @@ def test_resume_continues_exactly(tmp_path):
 
     from training import train_vae
 
-    common = ["--config", MICRO, "--vae.optim.lr_schedule", "constant", "--vae.optim.checkpoint_limit", "5"]
+    common = ["--config", MICRO, "--vae.optim.lr_schedule", "constant", "--vae.optim.checkpoint_limit", "5",
+              "--vae.optim.ema_decay", "0.9"]  # the exported weights are the EMA ones: EMA resumes too
     train_vae.main([*common, "--output-dir", str(tmp_path / "straight"), "--max-steps", "4"])
     AcceleratorState._reset_state(reset_partial_state=False)
     train_vae.main([*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
@@ -110,6 +111,8 @@ def test_resume_continues_exactly(tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "_work" / "vae").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     assert not list((tmp_path / "resumed" / "_work" / "vae").glob(".checkpoint-*"))  # no half-written saves
+    assert (tmp_path / "resumed" / "_work" / "vae" / "checkpoint-2" / "ema.safetensors").is_file()
+    assert not list((tmp_path / "resumed" / "_work" / "vae").rglob("*.pkl"))  # nothing pickled
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
@@ -134,18 +137,48 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     bad.write_text("vae:\n  chanels: [8, 16]\n")
     with pytest.raises(ValueError, match="chanels"):
         load_config(bad)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("vae:\n  optim: {lr: 3e-4, lr_schedule: cosine}\n")  # YAML 1.1 reads 3e-4 as a string
+    assert load_config(typed).vae.optim.lr == 3e-4
+    typed.write_text("vae:\n  optim: {lr_schedule: linear}\n")
+    with pytest.raises(ValueError, match=r"lr_schedule='linear' is not allowed; expected \['constant', 'cosine'\]"):
+        load_config(typed)
+    with pytest.raises(ValueError, match="batch_size='many'"):
+        load_config(MICRO, ["--vae.optim.batch_size", "many"])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
 
 
 def test_step_batches_split_the_global_batch_across_ranks():
+    def indices(sampler):
+        return [[i for i, _ in batch] for batch in sampler]
+
     one = StepBatchSampler(10, 4, 1, seed=3, rank=0, world=1, start_step=0, max_steps=5)
     ranks = [StepBatchSampler(10, 2, 1, seed=3, rank=r, world=2, start_step=0, max_steps=5) for r in range(2)]
-    single = list(one)
-    split = [a + b for a, b in zip(*[list(r) for r in ranks])]
+    single = indices(one)
+    split = [a + b for a, b in zip(*[indices(r) for r in ranks])]
     assert single == split
     # Each epoch is a permutation: the first 10 samples (steps 0-1 and half of 2) hold no repeats.
     flat = [i for batch in single for i in batch]
     assert sorted(flat[:10]) == list(range(10))
-    resumed = list(StepBatchSampler(10, 4, 1, seed=3, rank=0, world=1, start_step=3, max_steps=5))
+    assert [e for batch in one for _, e in batch][8:12] == [0, 0, 1, 1]  # the epoch travels with each key
+    resumed = indices(StepBatchSampler(10, 4, 1, seed=3, rank=0, world=1, start_step=3, max_steps=5))
     assert resumed == single[3:]
+
+
+def test_epoch_keys_reach_datasets_with_per_epoch_augmentation():
+    from training.loop import EpochKeyed
+
+    class Recorder(torch.utils.data.Dataset):
+        epoch = -1
+
+        def __len__(self):
+            return 4
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __getitem__(self, i):
+            return (i, self.epoch)
+
+    assert EpochKeyed(Recorder())[(2, 5)] == (2, 5)

@@ -163,6 +163,14 @@ def _check(cfg: FinetuneConfig) -> None:
     bad = [c for c in components if c not in LORA_COMPONENTS]
     if bad or not components or len(set(components)) != len(components):
         raise ValueError(f"--components {','.join(cfg.components)}: give distinct names from {list(LORA_COMPONENTS)}")
+    if "text_encoder" in components and not {"decoder", "prior"} & set(components):
+        raise ValueError("--components text_encoder: the text encoder is trained through the decoder or prior "
+                         "loss; add decoder and/or prior to --components")
+    index = json.loads((Path(cfg.pipeline) / "model_index.json").read_text())
+    converted = {"image_normalizer", "prior_text_encoder"} & set(index.get("components", {}))
+    if converted:
+        raise ValueError(f"--pipeline {cfg.pipeline} has {sorted(converted)} (a converted Stable unCLIP pipeline): "
+                         "fine-tuning those is not supported yet; fine-tune pipelines trained by this project")
     if cfg.data.source == "image_text" and (cfg.data.train_data_dir is None) == (cfg.data.dataset_name is None):
         raise ValueError("give the training images: --train-data-dir FOLDER or --dataset-name NAME (one of them)")
 

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from latent_diffusion.io import save_safetensors
 from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
 
 
@@ -52,8 +54,14 @@ class Stage:
             tqdm.write(" ".join(str(a) for a in args))
 
     def done(self, component: str) -> bool:
-        """True when this stage's finished output exists (so `train_all` can skip it)."""
-        return (self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()
+        """True when this stage's finished output exists and `--resume` does not ask for more steps (so
+        `train_all` can skip it)."""
+        if not ((self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()):
+            return False
+        if self.resume is None:
+            return True
+        found = list_checkpoints(self.work_dir)
+        return bool(found) and int(found[-1].name.split("-")[1]) >= self.max_steps
 
     def mark_done(self) -> None:
         if self.is_main:
@@ -104,14 +112,34 @@ class StepBatchSampler(Sampler[list[int]]):
         assert len(out) == per_step // self.accum
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Yields (index, epoch) keys, so datasets with random augmentation can vary it per epoch."""
         for step in range(self.start, self.stop):
             for micro in range(self.accum):
-                idx = self.global_indices(step, micro)
-                yield idx[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+                first = (step * self.accum + micro) * self.batch * self.world + self.rank * self.batch
+                idx = self.global_indices(step, micro)[self.rank * self.batch:(self.rank + 1) * self.batch]
+                epochs = (np.arange(first, first + self.batch) // self.size).tolist()
+                yield list(zip(idx.tolist(), epochs))
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start) * self.accum
+
+
+class EpochKeyed(Dataset):
+    """Reads `(index, epoch)` keys from `StepBatchSampler`: sets the dataset's epoch (when it has `set_epoch`, for
+    per-epoch crops, flips and caption choices), then returns item `index`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 class StepRandom:
@@ -185,9 +213,9 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(stage: Stage, step: int, limit: int) -> Path:
-    """accelerator.save_state into a temporary folder, then an atomic rename: a kill mid-save never leaves a
-    broken checkpoint. Keeps the newest `limit`."""
+def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None) -> Path:
+    """accelerator.save_state into a temporary folder (+ the EMA weights as `ema.safetensors`), then an atomic
+    rename: a kill mid-save never leaves a broken checkpoint. Keeps the newest `limit`."""
     acc = stage.accelerator
     final = stage.work_dir / f"checkpoint-{step}"
     tmp = stage.work_dir / f".checkpoint-{step}.tmp"
@@ -195,8 +223,16 @@ def save_checkpoint(stage: Stage, step: int, limit: int) -> Path:
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        # Global RNG states are not needed (data and noise are indexed by step) and are pickles: drop them.
+        for rng_state in tmp.glob("random_states_*.pkl"):
+            rng_state.unlink()
+        state = {"step": step}
+        if ema is not None:
+            save_safetensors(tmp / "ema.safetensors", ema.shadow)
+            state["ema_step"] = ema.step
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -240,19 +276,20 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, stage.max_steps))
     wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = EMA(acc.unwrap_model(wrapped), oc.ema_decay) if oc.ema_decay else None
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
 
     start = 0
     checkpoint = resolve_resume(stage)
     if checkpoint is not None:
         acc.load_state(str(checkpoint))
-        start = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        start = state["step"]
+        if ema is not None:
+            ema.load_state_dict({"step": state["ema_step"], "shadow": load_file(str(checkpoint / "ema.safetensors"))})
         stage.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
                                stage.max_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=oc.num_workers, collate_fn=collate,
+    loader = DataLoader(EpochKeyed(dataset), batch_sampler=sampler, num_workers=oc.num_workers, collate_fn=collate,
                         persistent_workers=False)
     batches = iter(loader)
     metrics_path = stage.work_dir / "metrics.jsonl"
@@ -300,12 +337,12 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
-            last_good = save_checkpoint(stage, done, oc.checkpoint_limit)
+            last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
             _run_validation(stage, wrapped, ema, validate, done, metrics_path)
     bar.close()
     if stage.max_steps > start:
-        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit)
+        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema)
     final = acc.unwrap_model(wrapped)
     check_in_sync(stage, final, metrics_path)
     if ema is not None:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
     stage = setup_stage("clip", args, overrides, lambda c: c.clip.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("image_encoder") and stage.resume is None:
+    if stage.done("image_encoder"):
         stage.print(f"clip: finished output exists in {stage.output_dir}; skipping")
         return
     sc = cfg.clip

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
     stage = setup_stage("decoder", args, overrides, lambda c: c.decoder.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("decoder") and stage.resume is None:
+    if stage.done("decoder"):
         stage.print(f"decoder: finished output exists in {stage.output_dir}; skipping")
         return
     dc, out = cfg.decoder, stage.output_dir

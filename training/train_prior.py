@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prior is None:
         stage.print("prior: disabled in the config (prior: null); nothing to train")
         return
-    if stage.done("prior") and stage.resume is None:
+    if stage.done("prior"):
         stage.print(f"prior: finished output exists in {stage.output_dir}; skipping")
         return
     pc = cfg.prior

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
     stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("vae") and stage.resume is None:
+    if stage.done("vae"):
         stage.print(f"vae: finished output exists in {stage.output_dir}; skipping")
         return
     vc = cfg.vae

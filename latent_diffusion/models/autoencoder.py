@@ -73,7 +73,9 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std · ε (the reparameterisation trick, Kingma & Welling 2014, Eq. 10)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        eps = eps.to(self.mean.device)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -94,7 +96,7 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.norm(x).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C): one copy for q, k and v
         h = self.attn(h).transpose(1, 2).reshape(B, C, H, W)
         return x + h
 
