@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
     g.add_argument("--pipeline", default=None,
                    help=f"pipeline folder (default: the shipped one, {default_pipeline()})")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:N, mps")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
     g.add_argument("--lora", default=None, help="a LoRA adapter folder written by training.finetune")
@@ -66,9 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out 'colour shape' pairs, comma separated (default: the pipeline's config.yaml)")
     e.add_argument("--quick", action="store_true", help="only DPM-Solver++(2M) at 20 steps, plus the ablations")
     e.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
-    e.add_argument("--device", default="cpu", help="torch device")
+    e.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
     e.add_argument("--suite-seed", type=int, default=0, help="seed of the prompt suite")
     return parser
+
+
+def resolve_device(name: str):  # noqa: ANN201 - torch.device
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image
@@ -85,7 +96,6 @@ def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL i
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from latent_diffusion.pipeline import TextToImagePipeline
 
@@ -93,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (folder / "model_index.json").is_file():
         print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
         return 2
-    pipe = TextToImagePipeline.from_pretrained(folder, device=torch.device(args.device))
+    pipe = TextToImagePipeline.from_pretrained(folder, device=resolve_device(args.device))
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     start = time.perf_counter()
@@ -134,7 +144,6 @@ def _heldout_pairs(folder: Path, text: str | None) -> tuple[tuple[str, str], ...
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from latent_diffusion.evaluate import DEFAULT_SETTINGS, evaluate, prompt_suite, save_report, to_markdown
     from latent_diffusion.pipeline import TextToImagePipeline
@@ -146,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    pipe = TextToImagePipeline.from_pretrained(folder, device=torch.device(args.device))
+    pipe = TextToImagePipeline.from_pretrained(folder, device=resolve_device(args.device))
     items = prompt_suite(args.num_prompts, args.suite_seed, _heldout_pairs(folder, args.heldout))
     quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
     out = Path(args.out)

@@ -105,7 +105,7 @@ def dataclass_in(hint: Any) -> type | None:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass, with `_class_name` naming its model."""
+    """A JSON-ready dict of a config dataclass (nested dataclasses become dicts)."""
     return dataclasses.asdict(config)
 
 

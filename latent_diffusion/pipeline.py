@@ -203,8 +203,10 @@ class TextToImagePipeline:
 
         unload_lora(self)
 
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights."""
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None,
+                        components: list[str] | None = None) -> None:
+        """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights.
+        `components` writes only those (plus `model_index.json`), leaving the others' files untouched."""
         from latent_diffusion.lora import lora_components
 
         adapted = lora_components(self)
@@ -215,8 +217,11 @@ class TextToImagePipeline:
         tokenizers = {"tokenizer": self.tokenizer, "prior_tokenizer": self.prior_tokenizer}
         tokenizers = {k: v for k, v in tokenizers.items() if v is not None}
         for name, tok in tokenizers.items():
-            tok.save_pretrained(folder / name)
+            if components is None or name in components:
+                tok.save_pretrained(folder / name)
         for name, m in self._modules().items():
+            if components is not None and name not in components:
+                continue
             if isinstance(m, (UNet, AutoencoderKL, DiffusionPrior, ImageNormalizer)):
                 m.save_pretrained(folder / name, dtype=dtype)
             else:
@@ -307,10 +312,10 @@ class TextToImagePipeline:
         """PIL image(s) or a tensor (B, 3, H, W) in [0, 1] → CLIP image embeddings (B, D)."""
         if self.image_encoder is None:
             raise ValueError("this pipeline has no image_encoder; image variations need one")
-        pixels = _to_tensor(images, self.device, self.dtype)
+        pixels = _to_tensor(images, self.device, torch.float32)  # resampling kernels want fp32 on CPU
         size = self.image_encoder.config.image_size
         pixels = clip_image_preprocess(pixels, size, self.config.image_mean, self.config.image_std)
-        return self.image_encoder(pixel_values=pixels).image_embeds
+        return self.image_encoder(pixel_values=pixels.to(self.dtype)).image_embeds
 
     @torch.no_grad()
     def augment_image_embeds(self, embeds: torch.Tensor, generators: list[torch.Generator],

@@ -86,6 +86,7 @@ def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, c
     out = {"text_states": states, "text_embeds": pooled, "text_mask": mask}
     if image_encoder is not None and pixel_values is not None:
         pixels = ((pixel_values.to(device) + 1) / 2).clamp(0, 1)
-        pixels = clip_image_preprocess(pixels, image_encoder.config.image_size, image_mean, image_std)
+        pixels = clip_image_preprocess(pixels, image_encoder.config.image_size, image_mean, image_std,
+                                       check_range=False)
         out["image_embeds"] = image_encoder(pixel_values=pixels).image_embeds
     return out

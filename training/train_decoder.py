@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
     unet = fit(stage, unet, dataset, loss_fn, dc.optim, validate=validate, collate=None)
     if acc.is_main_process:
-        assemble(unet).save_pretrained(out)
+        # Only the decoder and the index are new: the other stages' outputs stay as they wrote them.
+        assemble(unet).save_pretrained(out, components=["decoder"])
     stage.mark_done()
     acc.wait_for_everyone()
     stage.print(f"decoder: wrote the pipeline to {out}")
