@@ -44,6 +44,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The training images and captions (`source`), shared by every stage."""
     source: Literal["shapes", "emoji", "image_text"] = "shapes"
     num_samples: int = 20000  # synthetic sources: size of the (deterministic) training set
     image_size: int = 64
@@ -60,6 +61,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ClipStageConfig:
+    """Stage 1: tokenizer + CLIP trained contrastively (or `pretrained`, a CLIPModel folder, used as is)."""
     preset: str = "small"
     vocab_size: int = 1024
     max_length: int = 32  # tokens per caption (CLIP's context length)
@@ -70,6 +72,7 @@ class ClipStageConfig:
 
 @dataclass(frozen=True)
 class VaeStageConfig:
+    """Stage 2: the KL autoencoder (architecture, loss weights, random-crop training)."""
     channels: tuple[int, ...] = (32, 64, 128)
     latent_channels: int = 4
     layers_per_block: int = 1
@@ -84,6 +87,7 @@ class VaeStageConfig:
 
 @dataclass(frozen=True)
 class PriorStageConfig:
+    """Stage 3: the diffusion prior (architecture, schedule, text dropout for guidance)."""
     width: int = 256
     layers: int = 6
     heads: int = 4
@@ -97,6 +101,7 @@ class PriorStageConfig:
 
 @dataclass(frozen=True)
 class DecoderStageConfig:
+    """Stage 4: the decoder UNet (architecture, schedule, conditioning dropout, loss options, feature cache)."""
     channels: tuple[int, ...] = (64, 128, 256)
     attention_levels: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 2
@@ -116,6 +121,7 @@ class DecoderStageConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
+    """A whole recipe: data and every stage. `prior: null` trains a text-only decoder and no prior."""
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipStageConfig = field(default_factory=ClipStageConfig)
