@@ -228,3 +228,39 @@ def test_scheduler_mapping():
         sampling_from_diffusers(raw(diffusers.DDPMScheduler(variance_type="fixed_large")), "ddpm")
     with pytest.raises(ValueError, match="unsupported scheduler 'FlowMatchEulerDiscreteScheduler'"):
         sampling_from_diffusers({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "flow")
+
+
+def test_lora_finetune_of_a_converted_img2img_pipeline(unclip_img2img, tmp_path):
+    """The decoder trains on noise-augmented (2·D) image embeddings, as Stable unCLIP conditions it."""
+    import json
+
+    import numpy as np
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    from training import finetune
+
+    _, folder = unclip_img2img
+    ours = tmp_path / "ours"
+    TextToImagePipeline.from_diffusers(folder).save_pretrained(ours)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": "a red circle"})
+    (images / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        finetune.main(["--pipeline", str(ours), "--train-data-dir", str(images), "--method", "lora",
+                       "--components", "decoder", "--rank", "4", "--max-steps", "2", "--batch-size", "2",
+                       "--learning-rate", "1e-2", "--validation_steps", "2", "--output-dir", str(tmp_path / "lora")])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    pipe = TextToImagePipeline.from_pretrained(ours)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", progress=False)
+    base = pipe.image_variations(image, **kw).images
+    pipe.load_lora(tmp_path / "lora")
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert np.abs(pipe.image_variations(image, **kw).images - base).max() > 1e-4

@@ -42,6 +42,7 @@ from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from latent_diffusion.io import config_from_dict, read_json
 from latent_diffusion.lora import LORA_COMPONENTS, add_lora, save_lora
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
+from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
 from training.common import build_dataset, dataset_captions
 from training.config import FinetuneConfig, apply_overrides
@@ -166,11 +167,6 @@ def _check(cfg: FinetuneConfig) -> None:
     if "text_encoder" in components and not {"decoder", "prior"} & set(components):
         raise ValueError("--components text_encoder: the text encoder is trained through the decoder or prior "
                          "loss; add decoder and/or prior to --components")
-    index = json.loads((Path(cfg.pipeline) / "model_index.json").read_text())
-    converted = {"image_normalizer", "prior_text_encoder"} & set(index.get("components", {}))
-    if converted:
-        raise ValueError(f"--pipeline {cfg.pipeline} has {sorted(converted)} (a converted Stable unCLIP pipeline): "
-                         "fine-tuning those is not supported yet; fine-tune pipelines trained by this project")
     if cfg.data.source == "image_text" and (cfg.data.train_data_dir is None) == (cfg.data.dataset_name is None):
         raise ValueError("give the training images: --train-data-dir FOLDER or --dataset-name NAME (one of them)")
 
@@ -232,11 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     decoder_schedule = NoiseSchedule(pipe.config.decoder_schedule)
     prior_schedule = NoiseSchedule(pipe.config.prior_schedule)
 
-    def text_features(m: nn.Module, captions: list[str]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """(states (B, L, D), pooled (B, P), mask (B, L)) of the captions, and of the empty caption (1, ...)."""
-        encoder = m.text_encoder if train_text else pipe.text_encoder
-        with nullcontext() if train_text else torch.no_grad():
-            states, pooled, mask = encode_text(tokenizer, encoder, [*captions, ""], device=acc.device)
+    def text_features(m: nn.Module, captions: list[str], for_prior: bool = False
+                      ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(states (B, L, D), pooled (B, P), mask (B, L)) of the captions, and of the empty caption (1, ...), as
+        the pipeline encodes them for the decoder, or for the prior (its own text encoder when it has one)."""
+        if for_prior and pipe.prior_text_encoder is not None:  # e.g. a converted Stable unCLIP (Karlo) prior
+            tok, encoder, trained = pipe.prior_tokenizer, pipe.prior_text_encoder, False
+        else:
+            tok, encoder, trained = tokenizer, (m.text_encoder if train_text else pipe.text_encoder), train_text
+        use_mask = pipe.config.prior_text_attention_mask if for_prior else pipe.config.text_attention_mask
+        with nullcontext() if trained else torch.no_grad():
+            states, pooled, mask = encode_text(tok, encoder, [*captions, ""], device=acc.device,
+                                               use_attention_mask=use_mask)
         return (states[:-1], pooled[:-1], mask[:-1]), (states[-1:], pooled[-1:], mask[-1:])
 
     @torch.no_grad()
@@ -250,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             clip_pixels = clip_image_preprocess(((pixels + 1) / 2).clamp(0, 1), image_encoder.config.image_size,
                                                 pipe.config.image_mean, pipe.config.image_std)
             f["image_embeds"] = image_encoder(pixel_values=clip_pixels).image_embeds.float()
+            f["decoder_image"] = f["image_embeds"]
+            if train_decoder and pipe.config.image_noising_schedule is not None:  # Stable unCLIP conditioning
+                noise = rnd.randn(f["image_embeds"].shape[1])
+                f["decoder_image"] = noise_augment(f["image_embeds"], noise, pipe.config.noise_level,
+                                                   NoiseSchedule(pipe.config.image_noising_schedule),
+                                                   pipe.image_normalizer)
         return f
 
     def losses(m: nn.Module, batch: dict[str, Any], rnd: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             pooled = torch.where(drop_text[:, None], empty[1].expand(B, -1), text[1])
             image = None
             if pipe.decoder.config.uses_image_embeds:
-                image = torch.where(drop_image[:, None], torch.zeros_like(f["image_embeds"]), f["image_embeds"])
+                image = torch.where(drop_image[:, None], torch.zeros_like(f["decoder_image"]), f["decoder_image"])
             t = rnd.randint(decoder_schedule.num_train_timesteps)
             noise = rnd.randn(*latents.shape[1:])
             if cfg.noise_offset:  # a per-channel constant shift of the noise (Guttenberg 2023)
@@ -274,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                                   timesteps=t, noise=noise, min_snr_gamma=cfg.min_snr_gamma)
             total, logs["decoder_loss"] = total + loss, loss.detach()
         if train_prior:  # as training.train_prior
+            if pipe.prior_text_encoder is not None or \
+                    pipe.config.prior_text_attention_mask != pipe.config.text_attention_mask:
+                text, empty = text_features(m, list(batch["caption"]), for_prior=True)
             drop = rnd.rand() < cfg.text_dropout
             states = torch.where(drop[:, None, None], empty[0].expand(B, -1, -1), text[0])
             pooled = torch.where(drop[:, None], empty[1].expand(B, -1), text[1])
