@@ -182,3 +182,14 @@ def test_epoch_keys_reach_datasets_with_per_epoch_augmentation():
             return (i, self.epoch)
 
     assert EpochKeyed(Recorder())[(2, 5)] == (2, 5)
+
+
+def test_tensorboard_logs_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "2"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert list((tmp_path / "_work" / "vae" / "tensorboard").glob("events.out.tfevents.*"))

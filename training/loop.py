@@ -295,6 +295,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     metrics_path = stage.work_dir / "metrics.jsonl"
     bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not acc.is_main_process,
                dynamic_ncols=True)
+    board = tensorboard_writer(stage) if acc.is_main_process else None
     wrapped.train()
     t0, last_good = time.perf_counter(), None
     for step in range(start, stage.max_steps):
@@ -335,12 +336,18 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 record["grad_norm"] = float(grad_norm)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if board is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        board.add_scalar(f"{stage.name}/{key}", value, done)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
             last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
             _run_validation(stage, wrapped, ema, validate, done, metrics_path)
     bar.close()
+    if board is not None:
+        board.close()
     if stage.max_steps > start:
         save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema)
     final = acc.unwrap_model(wrapped)
@@ -351,6 +358,16 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if validate is not None:
         _run_validation(stage, wrapped, None, validate, stage.max_steps, metrics_path)
     return final
+
+
+def tensorboard_writer(stage: Stage) -> Any:
+    """A TensorBoard writer into work_dir/tensorboard when the `tensorboard` package is installed, else None
+    (the JSONL log is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(stage.work_dir / "tensorboard"))
 
 
 @torch.no_grad()
