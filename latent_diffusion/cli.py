@@ -1,4 +1,5 @@
-"""The `latent-diffusion` command line: `generate` images from a prompt, `evaluate` prompt following."""
+"""The `latent-diffusion` command line: `generate` images from a prompt, `evaluate` prompt following, `convert`
+pipeline folders."""
 
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     e.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
     e.add_argument("--suite-seed", type=int, default=0, help="seed of the prompt suite")
+
+    c = sub.add_parser("convert", help="re-save a pipeline (e.g. in half precision) or convert a diffusers folder",
+                       description="Load a pipeline folder (ours, or a diffusers Stable unCLIP folder with "
+                                   "--from-diffusers) and save it in our layout.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("source", help="the pipeline folder to read")
+    c.add_argument("dest", help="the folder to write")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="precision of the saved weights (loading upcasts to fp32)")
+    c.add_argument("--from-diffusers", action="store_true", help="SOURCE is a diffusers StableUnCLIP(Img2Img) folder")
     return parser
 
 
@@ -171,6 +182,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from latent_diffusion.pipeline import TextToImagePipeline
+
+    source, dest = Path(args.source), Path(args.dest)
+    if source.resolve() == dest.resolve():
+        raise ValueError(f"convert writes a new folder; {dest} is the source")
+    pipe = (TextToImagePipeline.from_diffusers(source) if args.from_diffusers
+            else TextToImagePipeline.from_pretrained(source))
+    pipe.save_pretrained(dest, dtype=None if args.dtype == "float32" else getattr(torch, args.dtype))
+    if (source / "config.yaml").is_file():  # the training recipe (held-out pairs for `evaluate`)
+        shutil.copy(source / "config.yaml", dest / "config.yaml")
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(dest)
+    print(f"{size / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_hub()
     args = build_parser().parse_args(argv)
@@ -179,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "convert":
+            return cmd_convert(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

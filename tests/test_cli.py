@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from latent_diffusion.cli import main
@@ -41,3 +42,16 @@ def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
         assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     result = subprocess.run([CLI, "generate", "x", "--sampler", "plms"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "invalid choice: 'plms'" in result.stderr
+
+
+def test_convert_to_half_precision(tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from latent_diffusion.pipeline import TextToImagePipeline
+
+    assert main(["convert", str(tiny_pipeline_dir), str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    weights = load_file(str(tmp_path / "half" / "decoder" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "half")
+    assert pipe.dtype == torch.float32
+    assert main(["convert", str(tiny_pipeline_dir), str(tiny_pipeline_dir)]) == 2  # refuses to overwrite itself
