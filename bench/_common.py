@@ -1,0 +1,122 @@
+"""Helpers shared by the benchmark scripts: interleaved timing, machine facts, markdown tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int, warmup: int = 2,
+                device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
+    """Time each callable `iters` times per repeat, alternating between them (A B C A B C ..., with the start
+    rotating each repeat so no variant always runs first), and report the median of the per-call times.
+
+    Returns {name: {"median_ms", "min_ms", "runs_ms"}}: `runs_ms` holds one mean per repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[n]()
+            sync(device)
+            runs[n].append((time.perf_counter() - t0) / iters * 1e3)
+    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "runs_ms": [round(x, 3) for x in v]}
+            for n, v in runs.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` reports it (falls back to /proc/cpuinfo, then `platform`)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Facts every published figure needs: machine, library versions, threads, date and the exact command."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        info["diffusers"] = None
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; floats are printed with 3 significant decimals."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if v != 0 and abs(v) < 1e-3:
+                return f"{v:.1e}"
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "—" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Give every parameter non-trivial values (diffusers zero-initialises some output layers); norm scales
+    stay near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if is_norm_scale else scale) + float(is_norm_scale))

@@ -1,0 +1,350 @@
+"""GPU benchmark of an SD-1.5-size UNet and SD VAE in bf16, ours beside diffusers, in one device call (≤ 6 min).
+
+    python bench/gpu.py                 # on an H100/H200 (see bench/README.md for the one-line device command)
+    python bench/gpu.py --tiny          # the same logic on the CPU with tiny models, fp32, 1–2 iterations
+
+Sections, in order of priority (each is skipped, and says so, once `--budget-s` would be exceeded):
+1. peak: a bf16 8192³ matmul, the denominator of MFU, measured in the same run.
+2. inference: UNet it/s at batch 1 and 8 with classifier-free guidance (the UNet sees 2 and 16 latents of
+   64×64×4, 77 context tokens of 768), eager: ours, ours + switches (channels_last + fused q/k/v),
+   ours + switches replayed as a CUDA graph (`speed.capture_cuda_graph`), diffusers (interleaved, median).
+3. training: one step at batch 16 on 64×64×4 latents (bf16 autocast, fp32 weights, MSE loss, fused AdamW):
+   samples/s, MFU (FLOPs of one step counted with torch.utils.flop_counter.FlopCounterMode), peak memory —
+   with and without gradient checkpointing, ours + switches and diffusers.
+4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain and channels_last) and diffusers.
+5. compiled inference: `speed.compile_blocks` (regional) on ours + switches, `torch.compile` on diffusers, at
+   batch 1 then 8, with the compile time (first call).
+
+diffusers is optional: without it the comparison rows are skipped with a note. The UNet has no image
+conditioning (`UNET_PRESETS["sd15"]`); both implementations get the same weights (diffusers' state dict
+renamed in memory), and the max relative output difference is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+from _common import interleaved, machine_info, markdown_table, rel_err, sync, write_json  # noqa: E402
+
+from latent_diffusion import speed  # noqa: E402
+from latent_diffusion.layers import rename_keys  # noqa: E402
+from latent_diffusion.models import AUTOENCODER_PRESETS, UNET_PRESETS, AutoencoderKL, UNet, UNetConfig  # noqa: E402
+from latent_diffusion.models.autoencoder import DIFFUSERS_VAE_RULES  # noqa: E402
+from latent_diffusion.models.unet import DIFFUSERS_UNET_RULES  # noqa: E402
+
+try:
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+except ImportError:
+    diffusers = None
+
+TINY_UNET = UNetConfig(channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=(2, 2),
+                       transformer_depth=(1, 1), context_dim=32, norm_groups=8)
+
+
+class Budget:
+    """Wall-clock budget: sections check `left()` before starting work they cannot finish."""
+
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def diffusers_unet_config(c: UNetConfig) -> dict[str, Any]:
+    """The diffusers `UNet2DConditionModel` kwargs of one of our UNet configs (no image conditioning)."""
+    n = len(c.channels)
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)]
+    return dict(in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=list(c.channels),
+                down_block_types=down, up_block_types=up, layers_per_block=c.layers_per_block,
+                attention_head_dim=list(c.heads) if n else 8, cross_attention_dim=c.context_dim,
+                norm_num_groups=c.norm_groups, norm_eps=c.norm_eps, sample_size=64)
+
+
+def diffusers_vae_config(c: Any) -> dict[str, Any]:
+    n = len(c.channels)
+    return dict(block_out_channels=list(c.channels), layers_per_block=c.layers_per_block,
+                norm_num_groups=c.norm_groups, latent_channels=c.latent_channels,
+                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                mid_block_add_attention=c.mid_attention)
+
+
+def build_unets(config: UNetConfig, device: torch.device, dtype: torch.dtype) -> tuple[UNet, Any]:
+    """(ours, diffusers or None) with identical weights, built directly on `device`."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = UNet(config)
+        ref = diffusers.UNet2DConditionModel(**diffusers_unet_config(config)) if diffusers else None
+    if ref is not None:
+        ours.load_state_dict(rename_keys(ref.state_dict(), DIFFUSERS_UNET_RULES))
+        ref.to(dtype).eval()
+    return ours.to(dtype).eval(), ref
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """Measured matmul throughput (TFLOP/s) of an n×n×n product: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def inference_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, config: UNetConfig,
+                      budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+    ours, ref = build_unets(config, device, dtype)
+    fast = speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True)
+    rows = []
+    for batch in args.batches:
+        g = torch.Generator(device="cpu").manual_seed(batch)
+        x = torch.randn(2 * batch, config.in_channels, args.latent, args.latent, generator=g).to(device, dtype)
+        t = torch.full((2 * batch,), 500.0, device=device)
+        ctx = torch.randn(2 * batch, args.tokens, config.context_dim, generator=g).to(device, dtype)
+        a = (x, t, ctx)
+        fns: dict[str, Callable[[], Any]] = {"ours": lambda m=ours, a=a: m(*a),
+                                             "ours+switches": lambda m=fast, a=a: m(*a)}
+        try:
+            graphed = speed.capture_cuda_graph(fast, *a)
+            fns["ours+switches+CUDA graph"] = lambda m=graphed, a=a: m(*a)
+        except RuntimeError as e:
+            if batch == args.batches[0]:
+                notes.append(f"CUDA graph rows skipped: {e}")
+        if ref is not None:
+            fns["diffusers"] = lambda a=a: ref(*a).sample
+        with torch.no_grad():
+            err = {k: rel_err(fn(), ref(*a).sample) for k, fn in fns.items() if ref is not None and k != "diffusers"}
+            timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
+        for name, tm in timing.items():
+            rows.append({"batch": batch, "unet_batch": 2 * batch, "impl": name, "ms": tm["median_ms"],
+                         "it_per_s": 1e3 / tm["median_ms"], "max_rel_diff": err.get(name)})
+        print(f"  inference batch {batch}: " + ", ".join(f"{k} {1e3 / v['median_ms']:.1f} it/s"
+                                                        for k, v in timing.items()), flush=True)
+        if budget.left() < 60:
+            notes.append(f"inference stopped after batch {batch}: budget")
+            break
+    return rows
+
+
+def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, batch: int, latent: int,
+                  tokens: int, context_dim: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    target = torch.randn_like(x)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    ctx = torch.randn(batch, tokens, context_dim, generator=g).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = speed.bf16_autocast(device, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            out = model(x, t, ctx)
+            out = out.sample if is_ref else out
+            loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, opt
+
+
+def training_section(args: argparse.Namespace, device: torch.device, config: UNetConfig, peak_tflops: float,
+                     budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    impls = ["ours+switches"] + (["diffusers"] if diffusers else [])
+    rows, flops = [], {}
+    for impl in impls:
+        for ckpt in (False, True):
+            if budget.left() < 45:
+                notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
+                continue
+            ours, ref = build_unets(config, device, torch.float32)
+            model = ref if impl == "diffusers" else speed.apply_speed(ours, channels_last=True, fuse=True)
+            del ours, ref
+            model.train()
+            if ckpt:
+                model.enable_gradient_checkpointing()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            step, opt = train_step_fn(model, impl == "diffusers", device, args.train_batch, args.latent,
+                                      args.tokens, config.context_dim)
+            step()
+            if not ckpt and impl not in flops:  # model FLOPs (no recomputation), counted on a real step
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops[impl] = counter.get_total_flops()
+            timing = interleaved({impl: step}, repeats=args.train_repeats, iters=args.train_iters, warmup=1,
+                                 device=device)[impl]
+            step_s = timing["median_ms"] / 1e3
+            useful = flops.get(impl, flops.get("ours+switches", 0))
+            peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            rows.append({"impl": impl, "gradient_checkpointing": ckpt, "ms_per_step": timing["median_ms"],
+                         "samples_per_s": args.train_batch / step_s, "tflops_per_step": useful / 1e12,
+                         "mfu": useful / step_s / (peak_tflops * 1e12), "peak_mem_gib": peak_mem})
+            print(f"  training {impl} ckpt={ckpt}: {timing['median_ms']:.1f} ms/step, "
+                  f"{args.train_batch / step_s:.1f} samples/s, MFU {rows[-1]['mfu']:.3f}, "
+                  f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB", flush=True)
+            del model, opt, step
+            gc.collect()
+    return rows
+
+
+def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                notes: list[str]) -> list[dict[str, Any]]:
+    config = AUTOENCODER_PRESETS["tiny" if args.tiny else "sd"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = AutoencoderKL(config)
+        ref = diffusers.AutoencoderKL(**diffusers_vae_config(config)) if diffusers else None
+    if ref is not None:
+        ours.load_state_dict(rename_keys(ref.state_dict(), DIFFUSERS_VAE_RULES))
+        ref.to(dtype).eval()
+    ours = ours.to(dtype).eval()
+    fast = speed.apply_channels_last(copy.deepcopy(ours))
+    f = config.downsample_factor
+    z = torch.randn(1, config.latent_channels, args.vae_size // f, args.vae_size // f, device=device, dtype=dtype)
+    fns = {"ours": lambda: ours.decode(z), "ours+channels_last": lambda: fast.decode(z)}
+    if ref is not None:
+        fns["diffusers"] = lambda: ref.decode(z).sample
+    with torch.no_grad():
+        err = {k: rel_err(fn(), ref.decode(z).sample) for k, fn in fns.items() if ref is not None and k != "diffusers"}
+        timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
+    print("  VAE decode: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in timing.items()), flush=True)
+    return [{"impl": k, "size": args.vae_size, "ms": v["median_ms"], "max_rel_diff": err.get(k)}
+            for k, v in timing.items()]
+
+
+def compiled_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, config: UNetConfig,
+                     budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+    ours, ref = build_unets(config, device, dtype)
+    # --tiny traces with dynamo only (backend="eager"): the logic without minutes of C++ compilation on CPU.
+    kwargs = {"backend": "eager"} if args.tiny else {}
+    models = {"ours+switches+compile_blocks": speed.compile_blocks(
+        speed.apply_speed(ours, channels_last=True, fuse=True), **kwargs)}
+    if ref is not None:
+        models["diffusers+torch.compile"] = torch.compile(ref, **kwargs)
+    rows = []
+    for batch in args.batches:
+        g = torch.Generator(device="cpu").manual_seed(batch)
+        x = torch.randn(2 * batch, config.in_channels, args.latent, args.latent, generator=g).to(device, dtype)
+        t = torch.full((2 * batch,), 500.0, device=device)
+        ctx = torch.randn(2 * batch, args.tokens, config.context_dim, generator=g).to(device, dtype)
+        fns = {}
+        for name, m in models.items():
+            if budget.left() < 100:
+                notes.append(f"compiled {name} at batch {batch} skipped: budget")
+                continue
+            a = (x, t, ctx)
+            call = (lambda m=m, a=a: m(*a).sample) if name.startswith("diffusers") else (lambda m=m, a=a: m(*a))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                call()
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            print(f"  compiled {name} batch {batch}: first call {compile_s:.1f} s", flush=True)
+            rows.append({"batch": batch, "impl": name, "compile_s": compile_s})
+            fns[name] = call
+        if fns:
+            with torch.no_grad():
+                timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
+            for r in rows:
+                if r["batch"] == batch and r["impl"] in timing:
+                    r.update(ms=timing[r["impl"]]["median_ms"], it_per_s=1e3 / timing[r["impl"]]["median_ms"])
+            print(f"  compiled batch {batch}: " + ", ".join(f"{k} {1e3 / v['median_ms']:.1f} it/s"
+                                                         for k, v in timing.items()), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny models, fp32, 1–2 iterations")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "vae", "compiled"])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        device, dtype, config = torch.device("cpu"), torch.float32, TINY_UNET
+        args.batches, args.latent, args.tokens, args.train_batch, args.vae_size = [1, 2], 8, 8, 2, 32
+        args.repeats, args.iters, args.train_repeats, args.train_iters, peak_n = 1, 1, 1, 2, 256
+        if args.out == parser.get_default("out"):
+            args.out = Path("/tmp/gpu_tiny.json")
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run with --tiny on a CPU")
+        device, dtype, config = torch.device("cuda"), torch.bfloat16, UNET_PRESETS["sd15"]
+        args.batches, args.latent, args.tokens, args.train_batch, args.vae_size = [1, 8], 64, 77, 16, 512
+        args.repeats, args.iters, args.train_repeats, args.train_iters, peak_n = 3, 10, 2, 5, 8192
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    budget = Budget(args.budget_s)
+    notes: list[str] = [] if diffusers else ["diffusers is not installed: comparison rows skipped"]
+    info = machine_info(device)
+    print(f"{info.get('gpu', info['cpu'])}, torch {info['torch']}, diffusers {info['diffusers']}", flush=True)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in UNet(config).parameters())
+    results: dict[str, Any] = {"machine": info, "unet_params": n_params, "dtype": str(dtype), "notes": notes}
+
+    peak = matmul_peak(device, dtype, peak_n, 10 if not args.tiny else 2)
+    results["peak_tflops"] = peak
+    print(f"  peak {dtype} matmul {peak_n}³: {peak:.1f} TFLOP/s", flush=True)
+    sections: list[tuple[str, Callable[[], Any]]] = [
+        ("inference", lambda: inference_section(args, device, dtype, config, budget, notes)),
+        ("training", lambda: training_section(args, device, config, peak, budget, notes)),
+        ("vae", lambda: vae_section(args, device, dtype, notes)),
+        ("compiled", lambda: compiled_section(args, device, dtype, config, budget, notes)),
+    ]
+    for name, run in sections:
+        if name in args.skip:
+            continue
+        if budget.left() < 30:
+            notes.append(f"section {name} skipped: budget")
+            continue
+        results[name] = run()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["elapsed_s"] = args.budget_s - budget.left()
+
+    print()
+    if results.get("inference"):
+        print(markdown_table(["batch (CFG ×2)", "impl", "it/s", "max rel diff"],
+                             [[r["batch"], r["impl"], r["it_per_s"], r["max_rel_diff"]] for r in results["inference"]]))
+    if results.get("training"):
+        print(markdown_table(["impl", "grad ckpt", "ms/step", "samples/s", "MFU", "peak GiB"],
+                             [[r["impl"], r["gradient_checkpointing"], r["ms_per_step"], r["samples_per_s"], r["mfu"],
+                               r["peak_mem_gib"]] for r in results["training"]]))
+    if results.get("vae"):
+        print(markdown_table(["VAE decode", "ms", "max rel diff"],
+                             [[r["impl"], r["ms"], r["max_rel_diff"]] for r in results["vae"]]))
+    if results.get("compiled"):
+        print(markdown_table(["batch (CFG ×2)", "impl", "compile s", "it/s"],
+                             [[r["batch"], r["impl"], r["compile_s"], r.get("it_per_s")] for r in results["compiled"]]))
+    for note in notes:
+        print("note:", note)
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Speed switches, applied from outside the model code (the torchtitan way): the models stay fp32, eager and
+plain; each function here changes how an existing model runs, never what it computes beyond float rounding.
+
+    from latent_diffusion import speed
+    unet = speed.apply_speed(unet, channels_last=True, fuse_qkv=True)        # CPU and GPU
+    unet = speed.compile_blocks(unet)                                          # regional torch.compile
+    with speed.bf16_autocast("cuda"):                                          # GPU mixed precision
+        ...
+    step = speed.capture_cuda_graph(fn, x, sigma)                              # CUDA only, fixed shapes
+
+Already elsewhere: `layers.set_attention_backend` (sdpa / xformers / math), `UNet.enable_gradient_checkpointing`,
+the fused AdamW of `training.loop.make_optimizer` (CUDA) and `decoder.cache` (precomputed latents and CLIP
+features) in training. Measured effects are in BENCHMARKS.md.
+
+State dicts never change: a model with fused projections still saves and loads the canonical `to_q` / `to_k`
+/ `to_v` keys (see `fuse_qkv`), so `save_pretrained` writes folders any unfused model (or `from_diffusers`
+key map) reads, and `compile_blocks` uses `nn.Module.compile`, which adds no `_orig_mod.` prefixes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from latent_diffusion.layers import Attention, AttentionBackend, ResBlock, set_attention_backend
+
+# --- channels_last -----------------------------------------------------------------------------------------
+
+
+def apply_channels_last(model: nn.Module) -> nn.Module:
+    """Store every 4-D weight in channels_last (NHWC) order, so convolutions (oneDNN on CPU, cuDNN on GPUs)
+    run without layout reorders and the UNet's (B, C, H, W) -> (B, H·W, C) token views cost no copy.
+
+    Inputs may stay NCHW: a convolution with channels_last weights returns channels_last activations. The
+    outputs of the model (and of an autoencoder's encoder and decoder) are made contiguous again by a
+    forward hook, so callers see ordinary tensors. Returns `model` (changed in place)."""
+    model.to(memory_format=torch.channels_last)
+    targets = [model] + [getattr(model, name) for name in ("encoder", "decoder")
+                         if isinstance(getattr(model, name, None), nn.Module)]
+    for m in targets:
+        if not getattr(m, "_channels_last_hook", None):
+            m._channels_last_hook = m.register_forward_hook(_contiguous_output)
+    return model
+
+
+def _contiguous_output(module: nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and output.ndim == 4:
+        return output.contiguous()
+    return output
+
+
+# --- fused QKV projections ---------------------------------------------------------------------------------
+_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+
+
+def fuse_qkv(model: nn.Module, cross_attention: bool = True) -> nn.Module:
+    """Replace the q/k/v projections of every self-attention layer by one Linear `to_qkv` (one GEMM instead of
+    three, forward and backward), and, when `cross_attention`, the k/v projections of every cross-attention
+    layer by one `to_kv`.
+
+    The state dict keeps the unfused layout: `state_dict()` splits `to_qkv` back into `to_q`/`to_k`/`to_v`
+    (copies, so safetensors never sees shared storage), and `load_state_dict` accepts those keys and
+    concatenates them. Hence `save_pretrained`, `from_pretrained`, EMA and Accelerate checkpoints work
+    unchanged and stay interchangeable with unfused models. Fuse before building the optimizer (the
+    parameters are new objects) and before LoRA or FSDP wrapping (LoRA targets `to_q`/`to_k`/`to_v` by name;
+    the state-dict hooks are untested on sharded DTensors). Returns `model` (changed in place); `unfuse_qkv`
+    undoes it."""
+    for m in list(model.modules()):
+        if not isinstance(m, Attention) or m.to_qkv is not None or m.to_kv is not None:
+            continue
+        if not m.is_cross_attention:
+            _fuse(m, "to_qkv")
+        elif cross_attention:
+            _fuse(m, "to_kv")
+    return model
+
+
+def unfuse_qkv(model: nn.Module) -> nn.Module:
+    """Undo `fuse_qkv`: split every `to_qkv` / `to_kv` back into separate Linears. Returns `model`."""
+    for m in list(model.modules()):
+        if isinstance(m, Attention):
+            for target in _FUSED:
+                if getattr(m, target) is not None:
+                    _unfuse(m, target)
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """True when some attention layer of `model` has fused projections."""
+    return any(isinstance(m, Attention) and (m.to_qkv is not None or m.to_kv is not None)
+               for m in model.modules())
+
+
+def _fuse(m: Attention, target: str) -> None:
+    names = _FUSED[target]
+    parts: list[nn.Linear] = [getattr(m, n) for n in names]
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.requires_grad_(first.weight.requires_grad)
+    for n in names:
+        delattr(m, n)
+    setattr(m, target, fused)
+    m._fused_hooks = (m.register_state_dict_post_hook(_split_state(target)),
+                      m.register_load_state_dict_pre_hook(_join_state(target)))
+
+
+def _unfuse(m: Attention, target: str) -> None:
+    fused: nn.Linear = getattr(m, target)
+    names = _FUSED[target]
+    weights = fused.weight.detach().chunk(len(names))
+    biases = fused.bias.detach().chunk(len(names)) if fused.bias is not None else [None] * len(names)
+    for n, w, b in zip(names, weights, biases):
+        layer = nn.Linear(fused.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+        layer.requires_grad_(fused.weight.requires_grad)
+        setattr(m, n, layer)
+    setattr(m, target, None)
+    for handle in m.__dict__.pop("_fused_hooks", ()):
+        handle.remove()
+    # Registration order fixes state-dict order: put the projections back where they were.
+    m._modules = {k: m._modules[k] for k in sorted(m._modules, key=_canonical_position)}
+
+
+_CANONICAL = ("to_q", "to_k", "to_v", "to_out")
+
+
+def _canonical_position(name: str) -> int:
+    return _CANONICAL.index(name) if name in _CANONICAL else len(_CANONICAL)
+
+
+def _split_state(target: str) -> Callable[..., None]:
+    names = _FUSED[target]
+
+    def hook(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        # This module's keys are the last ones added so far: take them out and put them back split, in the
+        # unfused model's order, so the whole state dict matches an unfused model's key for key.
+        own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for kind in ("weight", "bias"):
+            fused = own.pop(f"{prefix}{target}.{kind}", None)
+            if fused is not None:
+                for n, part in zip(names, fused.detach().chunk(len(names))):
+                    own[f"{prefix}{n}.{kind}"] = part.clone()
+        rank = {f"{prefix}{n}.{kind}": 2 * i + j for i, n in enumerate(_CANONICAL)
+                for j, kind in enumerate(("weight", "bias"))}
+        state.update(sorted(own.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+    return hook
+
+
+def _join_state(target: str) -> Callable[..., None]:
+    names = _FUSED[target]
+
+    def hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{n}.{kind}" for n in names]
+            if all(k in state for k in keys):  # otherwise strict loading names what is missing
+                state[f"{prefix}{target}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+    return hook
+
+
+# --- regional torch.compile --------------------------------------------------------------------------------
+
+
+def block_types() -> tuple[type[nn.Module], ...]:
+    """The repeated blocks `compile_blocks` compiles: ResBlocks, the UNet's spatial transformers, the
+    autoencoder's mid attention and the prior's transformer blocks."""
+    from latent_diffusion.models import autoencoder, prior, unet
+
+    found = [ResBlock, unet.SpatialTransformer, autoencoder.SpatialSelfAttention,
+             getattr(prior, "PriorBlock", None)]
+    return tuple(t for t in found if t is not None)
+
+
+def compile_blocks(model: nn.Module, types: Iterable[type[nn.Module]] | None = None,
+                   **compile_kwargs: Any) -> nn.Module:
+    """Regional compilation: `torch.compile` each repeated block (`block_types()` unless `types`) in place
+    with `nn.Module.compile`, rather than the whole model. Blocks of equal shapes share compiled code, compile
+    time stays a fraction of a whole-model compile, gradient checkpointing still wraps the compiled blocks,
+    and state-dict keys are unchanged. `compile_kwargs` go to `torch.compile` (e.g. mode="max-autotune").
+    Compilation happens at the first call of each block; dynamo's per-function recompile limit is raised to
+    fit one graph per block (a process-wide setting). Returns `model`."""
+    types = tuple(types) if types is not None else block_types()
+    blocks = [m for m in model.modules() if isinstance(m, types)]
+    # Blocks of one class but different widths or resolutions each need their own graph; dynamo's default of
+    # 8 graphs per code object would silently leave the rest eager.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks) + 8)
+    for m in blocks:
+        m.compile(**compile_kwargs)
+    return model
+
+
+# --- attention backend, mixed precision --------------------------------------------------------------------
+
+
+def best_attention_backend(device: torch.device | str) -> AttentionBackend:
+    """`xformers` on CUDA when the package is installed, else `sdpa` (which picks flash / memory-efficient
+    kernels itself on GPUs)."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("xformers") is not None:
+        return "xformers"
+    return "sdpa"
+
+
+def bf16_autocast(device_type: str | torch.device, enabled: bool = True) -> torch.autocast:
+    """Mixed precision for inference or training on GPUs: matmuls and convolutions in bf16, reductions in fp32
+    (`torch.autocast`). bf16 is slower than fp32 on CPUs without AMX, such as the 2-core development machine."""
+    device_type = torch.device(device_type).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = False, compile: bool = False,
+                attention_backend: AttentionBackend | None = None, **compile_kwargs: Any) -> nn.Module:
+    """Apply the chosen switches in the right order (fusion before compilation). Returns `model`."""
+    if attention_backend is not None:
+        set_attention_backend(model, attention_backend)
+    if fuse:
+        fuse_qkv(model)
+    if channels_last:
+        apply_channels_last(model)
+    if compile:
+        compile_blocks(model, **compile_kwargs)
+    return model
+
+
+# --- CUDA graphs -------------------------------------------------------------------------------------------
+
+
+class CUDAGraphed:
+    """`fn(*args)` captured once as a CUDA graph for fixed shapes; calling it copies the new tensor arguments
+    into the captured input buffers and replays the graph (no Python or kernel-launch overhead per step).
+
+    The result is the captured output buffer, overwritten by the next call: clone it to keep it. Only tensor
+    arguments may change between calls, and only in value (same shape, dtype and device)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *example_args: Any, warmup: int = 3):
+        tensors = [a for a in example_args if isinstance(a, torch.Tensor)]
+        if not torch.cuda.is_available() or not tensors or not all(t.is_cuda for t in tensors):
+            where = sorted({str(t.device) for t in tensors}) or ["no tensor arguments"]
+            raise RuntimeError(f"CUDA graphs need CUDA tensors on a CUDA machine; got {where} "
+                               f"(torch.cuda.is_available()={torch.cuda.is_available()}). On CPU call the "
+                               "function directly.")
+        self.fn = fn
+        self.static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in example_args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):  # lets cuDNN/cuBLAS pick algorithms and allocate workspaces
+                fn(*self.static_args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_out = fn(*self.static_args)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if len(args) != len(self.static_args):
+            raise ValueError(f"captured with {len(self.static_args)} arguments, called with {len(args)}")
+        for i, (new, static) in enumerate(zip(args, self.static_args)):
+            if isinstance(static, torch.Tensor):
+                if not isinstance(new, torch.Tensor) or new.shape != static.shape:
+                    got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                    raise ValueError(f"argument {i}: captured shape {tuple(static.shape)}, got {got}")
+                static.copy_(new)
+            elif new != static:
+                raise ValueError(f"argument {i}: non-tensor arguments are baked into the graph "
+                                 f"(captured {static!r}, got {new!r})")
+        self.graph.replay()
+        return self.static_out
+
+
+def capture_cuda_graph(fn: Callable[..., torch.Tensor], *example_args: Any, warmup: int = 3) -> CUDAGraphed:
+    """Capture `fn(*example_args)` (e.g. a guided denoiser step or a UNet forward at a fixed batch and latent
+    size) as a CUDA graph for fixed-shape sampling; see `CUDAGraphed`. Raises RuntimeError off CUDA."""
+    return CUDAGraphed(fn, *example_args, warmup=warmup)
