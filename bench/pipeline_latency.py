@@ -96,17 +96,17 @@ class ComponentTimer:
         self._start: dict[int, float] = {}
         self.handles = []
         for name, mods in modules.items():
-            for m in mods:
+            for i, m in enumerate(mods):
                 self.handles.append(m.register_forward_pre_hook(self._pre))
-                self.handles.append(m.register_forward_hook(self._post(name)))
+                self.handles.append(m.register_forward_hook(self._post(name, count=i == 0)))
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         self._start[id(module)] = time.perf_counter()
 
-    def _post(self, name: str) -> Any:
+    def _post(self, name: str, count: bool) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             self.totals[name] += time.perf_counter() - self._start.pop(id(module))
-            self.calls[name] += 1
+            self.calls[name] += int(count)  # a component's calls: those of its first module
         return hook
 
     def reset(self) -> None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="sizes of the random pipeline")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25, help="decoder and prior sampling steps")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per setting (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per setting (median)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny CLIP, 2 steps, 1 repeat: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_latency.json"))
@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           prior_num_inference_steps=args.steps, seed=0, progress=False)
         return time.perf_counter() - t0
 
-    for p in settings.values():  # warm-up
-        run(p)
+    for _ in range(2):  # warm-up (the first runs on this machine are slower)
+        for p in settings.values():
+            run(p)
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in settings}
     for r in range(args.repeats):
         for name in list(settings)[r % 2:] + list(settings)[:r % 2]:
