@@ -80,12 +80,66 @@ def test_two_processes_match_one_process(one_process_run, tmp_path):
     for stage in ("clip", "vae", "prior", "decoder"):
         assert {"world_size": 2, "ranks_in_sync": True} in metrics(out, stage)
     for component in ("text_encoder", "vae", "prior", "decoder"):
-        a, b = weights(one_process_run, component), weights(out, component)
-        assert a.keys() == b.keys()
-        # Adam turns float noise in gradients that are zero in exact arithmetic (e.g. attention key biases)
-        # into lr-sized steps, hence an absolute tolerance well below one step (lr = 1e-3).
-        worst = max(((a[k] - b[k]).abs().max() - 1e-3 * a[k].abs().max()).item() for k in a)
-        assert worst < 1e-4, f"{component}: 2-process weights differ from 1-process by {worst:.2e}"
+        assert_same_weights(weights(one_process_run, component), weights(out, component), f"2-process {component}")
+
+
+def copy_clip(source: Path, dest: Path) -> None:
+    """Give `dest` the finished CLIP stage of `source` (so train_all skips it)."""
+    import shutil
+
+    for part in ("tokenizer", "text_encoder", "image_encoder", "_work/clip"):
+        shutil.copytree(source / part, dest / part)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys()
+    # Adam turns float noise in gradients that are zero in exact arithmetic (e.g. attention key biases)
+    # into lr-sized steps, hence an absolute tolerance well below one step (lr = 1e-3).
+    worst = max(((a[k] - b[k]).abs().max() - 1e-3 * a[k].abs().max()).item() for k in a)
+    assert worst < 1e-4, f"{what}: weights differ by {worst:.2e}"
+
+
+def test_fsdp_matches_data_parallel_and_resumes_exactly(one_process_run, tmp_path):
+    """--fsdp over 2 processes (FSDP2 shards as DTensors over gloo): the same weights as one process with the same
+    global batch; checkpoints written in full; resuming a sharded checkpoint continues exactly."""
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    out = tmp_path / "fsdp"
+    copy_clip(one_process_run, out)
+    batch = [x for s in ("vae", "prior", "decoder") for x in (f"--{s}.optim.batch_size", "4")]
+    launch("training.train_all", "--config", MICRO, "--output-dir", str(out), "--max-steps", "2", "--fsdp",
+           *batch, processes=2, port=29521)
+    for stage in ("vae", "prior", "decoder"):
+        assert {"world_size": 2, "fsdp": True} in metrics(out, stage)
+        state = json.loads((out / "_work" / stage / "checkpoint-2" / "trainer_state.json").read_text())
+        assert state["fsdp"] and state["step"] == 2
+    for component in ("vae", "prior", "decoder"):  # the exported prior and decoder are the EMA weights
+        assert_same_weights(weights(one_process_run, component), weights(out, component), f"fsdp {component}")
+    vae_checkpoint = load_file(str(out / "_work" / "vae" / "checkpoint-2" / "model.safetensors"))
+    assert vae_checkpoint.keys() == weights(out, "vae").keys()  # full tensors, not shards
+
+    # Resume: checkpoint-2 of a 4-step constant-LR run, continued in another folder, ends where the run ended.
+    common = ["--config", MICRO, "--vae.optim.lr_schedule", "constant", "--vae.optim.ema_decay", "0.9",
+              "--vae.optim.batch_size", "4", "--fsdp", "--max-steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    copy_clip(one_process_run, straight)
+    copy_clip(one_process_run, resumed)
+    launch("training.train_vae", *common, "--output-dir", str(straight), processes=2, port=29523)
+    launch("training.train_vae", *common, "--output-dir", str(resumed), "--resume",
+           str(straight / "_work" / "vae" / "checkpoint-2"), processes=2, port=29525)
+    a, b = weights(straight, "vae"), weights(resumed, "vae")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    losses = [r["loss"] for r in metrics(straight, "vae") if "loss" in r]
+    assert [r["loss"] for r in metrics(resumed, "vae") if "loss" in r] == pytest.approx(losses[2:], rel=1e-5)
+
+    # A sharded checkpoint keeps its optimizer state by parameter name: resuming it unsharded is refused.
+    with pytest.raises(ValueError, match="written by a run with --fsdp"):
+        train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path / "plain"), "--resume",
+                        str(straight / "_work" / "vae" / "checkpoint-2")])
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def test_resume_continues_exactly(tmp_path):

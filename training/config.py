@@ -243,7 +243,7 @@ def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> 
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
-    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, then overrides."""
+    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Any config key can be overridden as '--section.key value', e.g. '--decoder.optim.lr 1e-4'.")
@@ -251,4 +251,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
+                             "gradients and optimizer state split across processes; same results as data-parallel")
     return parser

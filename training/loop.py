@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from latent_diffusion.io import save_safetensors
+from training import sharding
 from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
 
 
@@ -44,6 +45,7 @@ class Stage:
     work_dir: Path  # output_dir/_work/<stage>: checkpoints, metrics, validation images
     max_steps: int
     resume: str | None
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
 
     @property
     def is_main(self) -> bool:
@@ -69,23 +71,34 @@ class Stage:
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
-                cpu: bool = False, config: FinetuneConfig | None = None) -> Stage:
+                cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True) -> Stage:
     """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision,
     create the folders and save the resolved config (main process only)."""
     config = load_config(args.config, overrides) if config is None else config
     oc = optim(config)
+    fsdp = bool(getattr(args, "fsdp", False))
+    if fsdp and not shardable:
+        raise ValueError(f"{name}: --fsdp is not supported by this stage (it covers train_vae, train_prior and "
+                         "train_decoder); launch it without --fsdp")
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
+                         "a data-parallel config (configs/accelerate/multi_gpu.yaml) and pass --fsdp; each stage "
+                         "then shards its model block by block itself (training/sharding.py)")
     set_seed(config.seed)
     output_dir = Path(args.output_dir)
     work_dir = output_dir / "_work" / name
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
+    if fsdp and accelerator.num_processes < 2:
+        raise ValueError(f"{name}: --fsdp shards across processes but this run has one; launch with "
+                         "`accelerate launch --multi_gpu --num_processes N` (N >= 2) or drop --fsdp")
     accelerator.wait_for_everyone()
     max_steps = args.max_steps if args.max_steps is not None else oc.max_steps
-    return Stage(name, config, accelerator, output_dir, work_dir, max_steps, args.resume)
+    return Stage(name, config, accelerator, output_dir, work_dir, max_steps, args.resume, fsdp)
 
 
 # --- data and randomness indexed by step -------------------------------------------------------------------
@@ -213,24 +226,38 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None) -> Path:
-    """accelerator.save_state into a temporary folder (+ the EMA weights as `ema.safetensors`), then an atomic
-    rename: a kill mid-save never leaves a broken checkpoint. Keeps the newest `limit`."""
+def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> Path:
+    """Write a checkpoint into a temporary folder, then rename it atomically: a kill mid-save never leaves a broken
+    checkpoint. Keeps the newest `limit`. Data-parallel runs use accelerator.save_state; sharded (--fsdp) runs pass
+    `model`, `optimizer` and `scheduler` and are written in full form by rank 0 (same file names). The EMA weights
+    go to `ema.safetensors` either way."""
     acc = stage.accelerator
     final = stage.work_dir / f"checkpoint-{step}"
     tmp = stage.work_dir / f".checkpoint-{step}.tmp"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+    state: dict[str, Any] = {"step": step}
+    if stage.fsdp:  # gather on every rank (collective), write on rank 0
+        weights = sharding.full_tensors(model.state_dict())
+        optim_state = sharding.optimizer_state(model, optimizer)
+        shadow = sharding.full_tensors(ema.shadow) if ema is not None else None
+        state.update(fsdp=True, scheduler=scheduler.state_dict())
+        if acc.is_main_process:
+            tmp.mkdir(parents=True)
+            save_safetensors(tmp / "model.safetensors", weights)
+            torch.save(optim_state, tmp / "optimizer.bin")
+    else:
+        acc.save_state(str(tmp), safe_serialization=True)
+        shadow = ema.shadow if ema is not None else None
     acc.wait_for_everyone()
     if acc.is_main_process:
         # Global RNG states are not needed (data and noise are indexed by step) and are pickles: drop them.
         for rng_state in tmp.glob("random_states_*.pkl"):
             rng_state.unlink()
-        state = {"step": step}
         if ema is not None:
-            save_safetensors(tmp / "ema.safetensors", ema.shadow)
+            save_safetensors(tmp / "ema.safetensors", shadow)
             state["ema_step"] = ema.step
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
@@ -240,6 +267,31 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None)
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, ema: EMA | None) -> int:
+    """Restore what `save_checkpoint` wrote and return its step."""
+    acc = stage.accelerator
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if bool(state.get("fsdp")) != stage.fsdp:
+        written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
+        raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
+                         f"optimizer state has another layout: resume {written} --fsdp")
+    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None else None
+    if stage.fsdp:
+        model.load_state_dict(sharding.shard_like(load_file(str(checkpoint / "model.safetensors")),
+                                                  model.state_dict()))
+        optim_state = torch.load(checkpoint / "optimizer.bin", weights_only=True) if acc.is_main_process else {}
+        sharding.load_optimizer_state(model, optimizer, optim_state)
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema_state = sharding.shard_like(ema_state, ema.shadow)
+    else:
+        acc.load_state(str(checkpoint))
+    if ema is not None:
+        ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
+    return int(state["step"])
 
 
 def resolve_resume(stage: Stage) -> Path | None:
@@ -272,19 +324,22 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     """
     acc = stage.accelerator
     world, rank = acc.num_processes, acc.process_index
+    if stage.fsdp:  # shard first: the optimizer must hold the sharded parameters
+        if params is not None:
+            raise ValueError(f"{stage.name}: --fsdp trains whole models only")
+        model = sharding.shard_model(model, acc.device, world, oc.mixed_precision)
     optimizer = make_optimizer(params if params is not None else model.parameters(), oc, acc.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, stage.max_steps))
-    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if stage.fsdp:
+        wrapped = model
+    else:
+        wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = EMA(acc.unwrap_model(wrapped), oc.ema_decay) if oc.ema_decay else None
 
     start = 0
     checkpoint = resolve_resume(stage)
     if checkpoint is not None:
-        acc.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        start = state["step"]
-        if ema is not None:
-            ema.load_state_dict({"step": state["ema_step"], "shadow": load_file(str(checkpoint / "ema.safetensors"))})
+        start = load_checkpoint(stage, checkpoint, wrapped, optimizer, scheduler, ema)
         stage.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
@@ -319,7 +374,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 f"is {last_good or (list_checkpoints(stage.work_dir) or ['none'])[-1]}. Lower the learning rate "
                 "or use bf16 instead of fp16.")
         grad_norm = None
-        if oc.max_grad_norm:
+        if oc.max_grad_norm and stage.fsdp:
+            grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
+        elif oc.max_grad_norm:
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -342,21 +399,28 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                         board.add_scalar(f"{stage.name}/{key}", value, done)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
-            last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema)
+            last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
             _run_validation(stage, wrapped, ema, validate, done, metrics_path)
     bar.close()
     if board is not None:
         board.close()
     if stage.max_steps > start:
-        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema)
-    final = acc.unwrap_model(wrapped)
-    check_in_sync(stage, final, metrics_path)
-    if ema is not None:
-        ema.copy_to(final)
+        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
+    if stage.fsdp:  # every process gets the whole final model, unsharded
+        final = sharding.unsharded_copy(wrapped, sharding.full_tensors(
+            ema.shadow if ema is not None else wrapped.state_dict()), acc.device)
+        if acc.is_main_process:  # shards differ by design: there is nothing to compare across ranks
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"world_size": acc.num_processes, "fsdp": True}) + "\n")
+    else:
+        final = acc.unwrap_model(wrapped)
+        check_in_sync(stage, final, metrics_path)
+        if ema is not None:
+            ema.copy_to(final)
     final.eval()
     if validate is not None:
-        _run_validation(stage, wrapped, None, validate, stage.max_steps, metrics_path)
+        _run_validation(stage, final if stage.fsdp else wrapped, None, validate, stage.max_steps, metrics_path)
     return final
 
 
@@ -388,14 +452,21 @@ def check_in_sync(stage: Stage, model: torch.nn.Module, metrics_path: Path) -> N
 
 def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, validate: Callable, step: int,
                     metrics_path: Path) -> None:
+    """`validate(model, step)` on the main process with the EMA weights when there are any. A sharded model is
+    first gathered (by every process) into an unsharded copy."""
     acc = stage.accelerator
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    model, backup = None, None
+    if sharding.is_sharded(wrapped):
+        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict())
+        if acc.is_main_process:
+            model = sharding.unsharded_copy(wrapped, state, acc.device)
+    elif acc.is_main_process:
         model = acc.unwrap_model(wrapped)
-        backup = None
         if ema is not None:
             backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
             ema.copy_to(model)
+    if model is not None:
         model.eval()
         with torch.no_grad():
             result = validate(model, step) or {}

@@ -4,11 +4,13 @@
     python -m training.train_all --config configs/shapes/tiny.yaml --output-dir runs/tiny   # one process
 
 `--resume latest` resumes the unfinished stage from its newest checkpoint. `--max-steps N` caps every stage.
+`--fsdp` shards the VAE, prior and decoder across the processes (CLIP, small, stays data-parallel).
 Afterwards `TextToImagePipeline.from_pretrained(OUTPUT_DIR)` loads the result.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -23,14 +25,21 @@ def main(argv: list[str] | None = None) -> None:
     stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)  # --help and argument errors, up front
     from accelerate.state import AcceleratorState
 
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # the launcher sets RANK
+
     start = time.perf_counter()
     for name, module in STAGES:
         t0 = time.perf_counter()
-        module.main(argv)
+        if name == "clip" and "--fsdp" in argv:  # CLIP is small: it trains data-parallel
+            say("[train_all] clip: --fsdp covers the vae, prior and decoder stages; CLIP trains data-parallel",
+                  flush=True)
+            module.main([a for a in argv if a != "--fsdp"])
+        else:
+            module.main(argv)
         # Each stage builds its own Accelerator (its own mixed precision); keep the process group.
         AcceleratorState._reset_state(reset_partial_state=False)
-        print(f"[train_all] {name} finished in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(f"[train_all] all stages finished in {time.perf_counter() - start:.1f} s", flush=True)
+        say(f"[train_all] {name} finished in {time.perf_counter() - t0:.1f} s", flush=True)
+    say(f"[train_all] all stages finished in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

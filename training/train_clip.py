@@ -43,7 +43,7 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
-    stage = setup_stage("clip", args, overrides, lambda c: c.clip.optim)
+    stage = setup_stage("clip", args, overrides, lambda c: c.clip.optim, shardable=False)
     cfg, acc = stage.config, stage.accelerator
     if stage.done("image_encoder"):
         stage.print(f"clip: finished output exists in {stage.output_dir}; skipping")

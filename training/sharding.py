@@ -1,0 +1,97 @@
+"""Fully sharded data parallelism (FSDP2: `torch.distributed.fsdp.fully_shard`; Zhao et al. 2023, "PyTorch FSDP"),
+applied from outside the model code, block by block, as torchtitan does: each ResBlock, SpatialTransformer and
+PriorBlock becomes one unit whose parameters are gathered just for its forward and backward, then the root takes
+whatever is left (stems, time MLP, heads).
+
+Parameters, gradients and AdamW state are split across the processes as DTensors. Gradients are averaged across
+processes like DDP's, so a sharded run computes the same weights as an unsharded one with the same global batch.
+Checkpoints and exports are written in full (unsharded) form by rank 0, so they load into any number of
+processes, sharded or not. Every function that touches sharded tensors here is collective: all ranks call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from latent_diffusion.layers import ResBlock
+from latent_diffusion.models.prior import PriorBlock
+from latent_diffusion.models.unet import SpatialTransformer
+
+SHARD_UNITS = (ResBlock, SpatialTransformer, PriorBlock)
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_precision: str = "no") -> nn.Module:
+    """Shard `model` in place over a 1-D mesh of all processes and return it. Under bf16 the gathered parameters
+    are cast to bf16 for compute while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy)."""
+    if mixed_precision == "fp16":
+        raise ValueError("--fsdp supports --mixed-precision no or bf16, not fp16 (fp16 needs a sharded gradient "
+                         "scaler); use bf16")
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, SHARD_UNITS):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    # The root's parameters are needed again right at the start of backward: keep them gathered.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of a state dict's tensors (all-gathers every DTensor: collective)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone() for k, v in state.items()}
+
+
+def shard_like(full: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split full tensors the way the matching tensors of `reference` (a sharded state dict) are split."""
+    out = {}
+    for k, ref in reference.items():
+        if k not in full:
+            raise KeyError(f"'{k}' is missing from the checkpoint")
+        value = full[k].to(dtype=ref.dtype)
+        if isinstance(ref, DTensor):
+            out[k] = distribute_tensor(value.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements)
+        else:
+            out[k] = value.to(ref.device)
+    return out
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A plain (unsharded) model of the same class and config holding `state` (full tensors)."""
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard swaps the class
+    plain = cls(model.config)
+    plain.load_state_dict(state)
+    return plain.to(device)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's full state keyed by parameter names (collective; complete on rank 0, empty elsewhere)."""
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state read on rank 0 (other ranks pass {}) into the sharded optimizer (collective)."""
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor result (e.g. the global gradient norm) as a plain tensor (collective for DTensors)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
