@@ -72,7 +72,7 @@ class ClipStageConfig:
 
 @dataclass(frozen=True)
 class VaeStageConfig:
-    """Stage 2: the KL autoencoder (architecture, loss weights, random-crop training)."""
+    """Stage 2: the KL autoencoder (architecture, loss weights, random-crop training, optional PatchGAN)."""
     channels: tuple[int, ...] = (32, 64, 128)
     latent_channels: int = 4
     layers_per_block: int = 1
@@ -82,6 +82,10 @@ class VaeStageConfig:
     l2_weight: float = 0.0
     crop_size: int | None = None  # train on random crops (autoencoders are convolutional)
     scale_samples: int = 1024  # training images used to measure the latent scaling factor
+    gan_weight: float = 0.0  # > 0: add a PatchGAN hinge loss with this weight (0: no discriminator)
+    gan_start: int = 0  # the step from which the adversarial losses count (reconstructions settle first)
+    disc_channels: int = 64
+    disc_layers: int = 3
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, warmup_steps=50))
 
 
