@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageFilter
 
-from latent_diffusion.data.shapes import EDIT_KINDS, ShapesDataset, caption, check_detections, detect, edit_spec
+from latent_diffusion.data.checker import check_detections, detect
+from latent_diffusion.data.shapes import EDIT_KINDS, ShapesDataset, caption, edit_spec
 
 TARGET = 0.995
 

@@ -47,12 +47,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from latent_diffusion.data.checker import check  # noqa: E402
 from latent_diffusion.data.shapes import (  # noqa: E402
     COLORS,
     SceneSpec,
     ShapeObject,
     caption,
-    check,
     render,
     sample_spec,
 )

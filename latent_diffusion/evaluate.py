@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latent_diffusion.data.shapes import COLORS, SHAPES, SceneSpec, caption, check, render, sample_spec
+from latent_diffusion.data.checker import check
+from latent_diffusion.data.shapes import COLORS, SHAPES, SceneSpec, caption, render, sample_spec
 
 GROUPS: tuple[str, ...] = ("single", "relation", "three", "heldout")
 ATTRIBUTES: tuple[str, ...] = ("count", "color", "shape", "size", "cell", "relation")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from latent_diffusion.data.checker import check, check_detections, detect
 from latent_diffusion.data.shapes import (
     CELLS,
     COLORS,
@@ -20,9 +21,6 @@ from latent_diffusion.data.shapes import (
     ShapeObject,
     ShapesDataset,
     caption,
-    check,
-    check_detections,
-    detect,
     edit_spec,
     parse_pairs,
     render,

@@ -1,21 +1,17 @@
 """Built-in data sets: procedurally generated shapes scenes with a checker for generated images."""
 
+from latent_diffusion.data.checker import CheckResult, DetectedObject, check, check_detections, detect
 from latent_diffusion.data.shapes import (
     CELLS,
     COLORS,
     RELATIONS,
     SHAPES,
     SIZES,
-    CheckResult,
-    DetectedObject,
     Relation,
     SceneSpec,
     ShapeObject,
     ShapesDataset,
     caption,
-    check,
-    check_detections,
-    detect,
     edit_spec,
     parse_pairs,
     render,
