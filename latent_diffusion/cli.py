@@ -141,7 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heldout_pairs(folder: Path, text: str | None) -> tuple[tuple[str, str], ...]:
+def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The colour×shape pairs `text` names ("red circle, blue star"), or, when None, those the pipeline folder's
+    training config (`config.yaml`, `data.exclude_pairs`) held out; () when there is no config."""
     from latent_diffusion.data.shapes import parse_pairs
 
     if text is None:
@@ -167,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     pipe = TextToImagePipeline.from_pretrained(folder, device=resolve_device(args.device))
-    items = prompt_suite(args.num_prompts, args.suite_seed, _heldout_pairs(folder, args.heldout))
+    items = prompt_suite(args.num_prompts, args.suite_seed, heldout_pairs(folder, args.heldout))
     quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -248,3 +248,27 @@ def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_d
                      "--prior-steps", "2", "--num-images", "1", "--out", str(out), "--quiet", *extra]) == 0
         outs.append(np.asarray(Image.open(out), dtype=np.float32))
     assert np.abs(outs[0] - outs[1]).max() > 0
+
+
+@pytest.mark.parametrize("concept", ["pink", "heart"])
+def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_path, concept):
+    import importlib.util
+
+    from latent_diffusion.data.shapes import SceneSpec
+
+    spec = importlib.util.spec_from_file_location("teach_concept", ROOT / "examples" / "teach_concept.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["teach_concept"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    c = module.CONCEPTS[concept]
+    module.write_data(tmp_path, c, num_images=40)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    specs = [SceneSpec.from_dict(r["spec"]) for r in rows]
+    with_concept = [s for s in specs if any(getattr(o, c.kind) == concept for o in s.objects)]
+    assert len(with_concept) == 30  # three in four
+    assert not any(c.is_heldout(o) and getattr(o, c.kind) == concept for s in specs for o in s.objects)
+    assert all(concept in r["text"].split() for r, s in zip(rows, specs) if s in with_concept)
+    groups = module.prompt_groups(c)
+    assert list(groups) == [concept, c.heldout_group, "control"]
+    firsts = [s.objects[0] for s in groups[c.heldout_group]]
+    assert firsts and all(c.is_heldout(o) and getattr(o, c.kind) == concept for o in firsts)

@@ -182,3 +182,23 @@ def test_checker_rejects_mismatched_specs(real):
 def test_captions_without_rendering_match_items():
     ds = ShapesDataset(20, seed=4, exclude={("red", "circle")})
     assert ds.captions() == [ds[i]["caption"] for i in range(20)]
+
+
+def test_new_shapes_are_drawn_and_checked_but_never_sampled():
+    from latent_diffusion.data.shapes import NEW_SHAPES
+
+    rng = np.random.default_rng(5)
+    assert "heart" in NEW_SHAPES and "heart" not in SHAPES
+    assert all(o.shape != "heart" for _ in range(200) for o in sample_spec(rng).objects)
+    accepted = rejected = 0
+    for _ in range(40):
+        spec = sample_spec(rng, max_objects=2)
+        o = spec.objects[0]
+        heart = SceneSpec((ShapeObject(o.color, "heart", o.size, o.cell), *spec.objects[1:]), spec.relations,
+                          spec.stated)
+        accepted += check(render(heart, rng), heart).passed  # a spec holding a heart adds it to the candidates
+        rejected += not check(render(heart, rng), spec, extra_shapes=("heart",)).passed  # a heart is no other shape
+        rejected += not check(render(spec, rng), heart).passed
+    assert accepted == 40 and rejected == 80
+    with pytest.raises(ValueError, match="'hexagon'"):
+        check(render(spec, rng), spec, extra_shapes=("hexagon",))

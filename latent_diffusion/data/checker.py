@@ -21,6 +21,7 @@ from PIL import Image
 from latent_diffusion.data.shapes import (
     COLORS,
     EDIT_KINDS,
+    NEW_SHAPES,
     SHAPES,
     SceneSpec,
     _coverage,
@@ -158,14 +159,15 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def detect(image: Image.Image | np.ndarray,
-           extra_colors: Mapping[str, Sequence[int]] | None = None) -> tuple[DetectedObject, ...]:
+def detect(image: Image.Image | np.ndarray, extra_colors: Mapping[str, Sequence[int]] | None = None,
+           extra_shapes: Sequence[str] = ()) -> tuple[DetectedObject, ...]:
     """Segment non-white pixels into components and classify each (largest first, at most 8).
 
     colour: the palette colour (or one of ``extra_colors``, name → RGB) that best explains the component's most
     saturated half as that colour blended over white (median residual; None if above 60 or paler than 50% coverage);
-    shape: every shape is drawn as a soft template placed on the component's coverage map by moments (side from the
-    mass, box from the centroid; also compared blurred) and the best soft IoU wins (None below 0.4);
+    shape: every shape (the six, plus ``extra_shapes`` from ``NEW_SHAPES``) is drawn as a soft template placed on
+    the component's coverage map by moments (side from the mass, box from the centroid; also compared blurred) and
+    the best soft IoU wins (None below 0.4);
     size: that template's side against 15 / 21.5 px; cell: its box centre on the 3×3 grid.
     """
     arr = _to_array(image)
@@ -174,6 +176,10 @@ def detect(image: Image.Image | np.ndarray,
     labels = _label(fg)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     keep = [(int(c), int(i)) for i, c in zip(ids, counts) if c >= _MIN_PIXELS]
+    shapes = SHAPES + tuple(s for s in extra_shapes if s not in SHAPES)
+    for s in shapes[len(SHAPES):]:
+        if s not in NEW_SHAPES:
+            raise ValueError(f"extra shape {s!r} is not drawable; known new shapes: {list(NEW_SHAPES)}")
     palette = _palette(extra_colors)  # the 8 palette colours (+ extra ones, e.g. taught by fine-tuning)
     palette_names = list(palette)
     inks = 255.0 - np.array([palette[c] for c in palette_names], dtype=float)  # (K, 3)
@@ -199,7 +205,7 @@ def detect(image: Image.Image | np.ndarray,
         alpha = np.clip(deficit @ ink / max(float(ink @ ink), 1.0), 0.0, 1.0)
         own, other = mask[y0:y1, x0:x1], (labels[y0:y1, x0:x1] > 0) & ~mask[y0:y1, x0:x1]
         alpha[_steps(other) <= _steps(own)] = 0.0  # keep pixels nearer this component than any other
-        fits = {s: _fit_template(s, alpha) for s in SHAPES}
+        fits = {s: _fit_template(s, alpha) for s in shapes}
         best = max(fits, key=lambda s: fits[s][0])
         iou, cx, cy, side = fits[best]
         shape = best if iou >= _MIN_SHAPE_IOU else None
@@ -240,9 +246,11 @@ def check_detections(detected: Sequence[DetectedObject], spec: SceneSpec) -> Che
     return CheckResult(not ordered, ordered, tuple(detected))
 
 
-def check(image: Image.Image | np.ndarray, spec: SceneSpec,
-          extra_colors: Mapping[str, Sequence[int]] | None = None) -> CheckResult:
+def check(image: Image.Image | np.ndarray, spec: SceneSpec, extra_colors: Mapping[str, Sequence[int]] | None = None,
+          extra_shapes: Sequence[str] = ()) -> CheckResult:
     """Score an image (PIL or (64, 64, 3) uint8 array; other sizes are resized) against a spec. The colours told
-    apart are the palette's, `extra_colors` (name → RGB) and the spec's custom ones (`ShapeObject.rgb`)."""
+    apart are the palette's, `extra_colors` (name → RGB) and the spec's custom ones (`ShapeObject.rgb`); the shapes
+    are the six, `extra_shapes` and any new shape the spec holds (e.g. "heart")."""
     extra = {k: v for k, v in _palette(extra_colors, spec).items() if k not in COLORS}
-    return check_detections(detect(image, extra), spec)
+    shapes = [*extra_shapes, *(o.shape for o in spec.objects if o.shape not in SHAPES)]
+    return check_detections(detect(image, extra, tuple(dict.fromkeys(shapes))), spec)

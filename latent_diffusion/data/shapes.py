@@ -35,6 +35,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (30, 30, 30),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
+# Drawn and checked, never sampled: shapes the training data does not have, for teaching by fine-tuning.
+NEW_SHAPES: tuple[str, ...] = ("heart",)
 SIZES: dict[str, int] = {"small": 12, "medium": 18, "large": 25}  # bounding-box side on the 64-unit canvas
 CELLS: tuple[str, ...] = (
     "in the top left", "at the top", "in the top right",
@@ -73,7 +75,7 @@ class ShapeObject:
             _check_name("colour", self.color, COLORS)
         else:
             object.__setattr__(self, "rgb", _check_rgb(self.color, self.rgb))
-        _check_name("shape", self.shape, SHAPES)
+        _check_name("shape", self.shape, SHAPES + NEW_SHAPES)
         _check_name("size", self.size, SIZES)
         if not (isinstance(self.cell, int) and 0 <= self.cell < 9):
             raise ValueError(f"cell must be an int in 0..8 (row-major 3×3 grid), got {self.cell!r}")
@@ -374,6 +376,8 @@ _UNIT_POLYGONS: dict[str, np.ndarray] = {
     "square": np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=float),
     "triangle": np.array([[0.5, 0], [1, 1], [0, 1]], dtype=float),
     "diamond": np.array([[0.5, 0], [1, 0.5], [0.5, 1], [0, 0.5]], dtype=float),
+    # the heart below its lobes: the tangent points (0.05, 0.4), (0.95, 0.4) from the tip (0.5, 1)
+    "heart body": np.array([[0.05, 0.4], [0.5, 1.0], [0.95, 0.4], [0.5, 0.25]], dtype=float),
     "cross": np.array(
         [[1, 0], [2, 0], [2, 1], [3, 1], [3, 2], [2, 2], [2, 3], [1, 3], [1, 2], [0, 2], [0, 1], [1, 1]], dtype=float
     ) / 3,
@@ -384,6 +388,9 @@ def _inside(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Point-in-shape test for a shape filling the unit square; ``px``/``py`` in unit-box coordinates."""
     if shape == "circle":
         return (px - 0.5) ** 2 + (py - 0.5) ** 2 <= 0.25
+    if shape == "heart":  # two lobes of radius 1/4, and their outer tangents meeting at the bottom point
+        lobes = ((px - 0.25) ** 2 + (py - 0.25) ** 2 <= 0.0625) | ((px - 0.75) ** 2 + (py - 0.25) ** 2 <= 0.0625)
+        return lobes | _inside("heart body", px, py)
     poly = _unit_star() if shape == "star" else _UNIT_POLYGONS[shape]
     inside = np.zeros(px.shape, dtype=bool)
     for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, axis=0)):  # even-odd ray casting
