@@ -29,6 +29,8 @@ from latent_diffusion.diffusion import (
     Denoiser,
     NoiseSchedule,
     ScheduleConfig,
+    batched_cfg,
+    clamped,
     default_sampling,
     get_sampler,
     initial_noise_scale,
@@ -372,15 +374,14 @@ class TextToImagePipeline:
         clip = self.config.prior_clip_denoised
         states, pooled, mask = (torch.cat([u, c]) for u, c in zip(uncond, text))
 
-        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if guidance_scale == 1.0:
-                out = denoise(x, sigma, text_states=text[0], text_embeds=text[1], text_mask=text[2])
-            else:
-                out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
-                                       text_embeds=pooled, text_mask=mask).chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)  # Ho & Salimans 2022, Eq. 6
-            # Karlo clips the guided x0 (diffusers' clip_sample), not each branch
-            return out if clip is None else out.clamp(-clip, clip)
+        def single(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return denoise(x, sigma, text_states=text[0], text_embeds=text[1], text_mask=text[2])
+
+        def doubled(x2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:  # [uncond; cond] (2B, D)
+            return denoise(x2, sigma2, text_states=states, text_embeds=pooled, text_mask=mask)
+
+        # Karlo clips the guided x0 (diffusers' clip_sample), not each branch
+        guided = clamped(single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale), clip)
 
         sigmas = self._sigmas(self.config.prior_schedule, self.config.prior_sampling, sampler, steps)
         x = _randn((len(generators), prior.config.embed_dim), generators, self.device, self.dtype)
@@ -408,18 +409,14 @@ class TextToImagePipeline:
         states = torch.cat([uncond[0], text[0]])
         pooled = torch.cat([uncond[1], text[1]])
 
-        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if guidance_scale == 1.0:
-                out = denoise(x, sigma, text_states=text[0], image_embeds=img_c, text_embeds=text[1])
-                return out if clip is None else out.clamp(-clip, clip)
-            out_u, out_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text_states=states,
-                                   image_embeds=both_img, text_embeds=pooled).chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
-            if guidance_rescale > 0:  # Lin et al. 2024, Eq. 15–16, on the x0 prediction
-                dims = tuple(range(1, out.ndim))
-                rescaled = out * (out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
-                out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
-            return out if clip is None else out.clamp(-clip, clip)
+        def single(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return denoise(x, sigma, text_states=text[0], image_embeds=img_c, text_embeds=text[1])
+
+        def doubled(x2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:  # [uncond; cond] (2B, C, h, w)
+            return denoise(x2, sigma2, text_states=states, image_embeds=both_img, text_embeds=pooled)
+
+        guided = clamped(single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale, guidance_rescale),
+                         clip)
 
         sigmas = self._sigmas(self.config.decoder_schedule, self.config.decoder_sampling, sampler, steps)[start:]
         C = self.decoder.config.in_channels

@@ -106,6 +106,17 @@ def batched_cfg(fn: DenoiserFn, scale: float, rescale: float = 0.0) -> DenoiserF
     return denoiser
 
 
+def clamped(fn: DenoiserFn, limit: float | None) -> DenoiserFn:
+    """`fn` with its x0 prediction clipped to [-limit, limit] (after guidance); `fn` itself when limit is None."""
+    if limit is None:
+        return fn
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        return fn(x, sigma, **extra).clamp(-limit, limit)
+
+    return denoiser
+
+
 # ---- helpers -------------------------------------------------------------------------------------------
 
 
