@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler for both stages (default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
-    g.add_argument("--pipeline", default=None,
-                   help=f"pipeline folder (default: the shipped one, {default_pipeline()})")
+    g.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:N, mps")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the shapes prompt suite with several samplers and ablations, score every "
                                    "image with the shapes checker, and write results.json, results.md and grid.png.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--pipeline", default=None, help=f"pipeline folder (default: {default_pipeline()})")
+    e.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")
     e.add_argument("--out", default="evaluation", help="output folder")
     e.add_argument("--num-prompts", type=int, default=8, help="prompts per group")
     e.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..K-1)")
