@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from training.config import DataConfig
 
 
@@ -90,3 +92,26 @@ def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, c
                                        check_range=False)
         out["image_embeds"] = image_encoder(pixel_values=pixels).image_embeds
     return out
+
+
+def decoder_loss(decoder: Callable[..., torch.Tensor], latents: torch.Tensor,
+                 text: tuple[torch.Tensor, torch.Tensor], empty: tuple[torch.Tensor, torch.Tensor],
+                 image: torch.Tensor | None, rnd: Any, schedule: NoiseSchedule, text_dropout: float,
+                 image_dropout: float, noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The decoder's denoising loss on one micro-batch (Rombach et al. 2022, Eq. 2), shared by train_decoder and
+    finetune. latents (B, C, h, w); text = (token states (B, T, D), pooled (B, D)) and `empty` the same for "" (1, ...);
+    image: CLIP image embeddings (B, E) or None. Text and image conditioning are dropped independently (empty
+    caption / zero embedding) so both can be guided; the noise may get a per-channel offset (Guttenberg 2023).
+    Every draw comes from `rnd` (a StepRandom), in a fixed order."""
+    B = latents.shape[0]
+    drop_text, drop_image = rnd.rand() < text_dropout, rnd.rand() < image_dropout
+    states = torch.where(drop_text[:, None, None], empty[0].expand(B, -1, -1), text[0])
+    pooled = torch.where(drop_text[:, None], empty[1].expand(B, -1), text[1])
+    if image is not None:
+        image = torch.where(drop_image[:, None], torch.zeros_like(image), image)
+    t = rnd.randint(schedule.num_train_timesteps)
+    noise = rnd.randn(*latents.shape[1:])
+    if noise_offset:
+        noise = noise + noise_offset * rnd.randn(latents.shape[1], 1, 1)
+    return diffusion_loss(lambda x, tt: decoder(x, tt, states, image, pooled), latents, schedule, timesteps=t,
+                          noise=noise, min_snr_gamma=min_snr_gamma)

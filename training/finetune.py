@@ -44,7 +44,7 @@ from latent_diffusion.lora import LORA_COMPONENTS, add_lora, save_lora
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
-from training.common import build_dataset, dataset_captions
+from training.common import build_dataset, dataset_captions, decoder_loss
 from training.config import FinetuneConfig, apply_overrides
 from training.loop import StepRandom, fit, setup_stage
 
@@ -268,19 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         B = text[0].shape[0]
         total, logs = torch.zeros((), device=acc.device), {}
         if train_decoder:  # as training.train_decoder
-            latents = f["latents"]
-            drop_text, drop_image = rnd.rand() < cfg.text_dropout, rnd.rand() < cfg.image_dropout
-            states = torch.where(drop_text[:, None, None], empty[0].expand(B, -1, -1), text[0])
-            pooled = torch.where(drop_text[:, None], empty[1].expand(B, -1), text[1])
-            image = None
-            if pipe.decoder.config.uses_image_embeds:
-                image = torch.where(drop_image[:, None], torch.zeros_like(f["decoder_image"]), f["decoder_image"])
-            t = rnd.randint(decoder_schedule.num_train_timesteps)
-            noise = rnd.randn(*latents.shape[1:])
-            if cfg.noise_offset:  # a per-channel constant shift of the noise (Guttenberg 2023)
-                noise = noise + cfg.noise_offset * rnd.randn(latents.shape[1], 1, 1)
-            loss = diffusion_loss(lambda x, tt: m.decoder(x, tt, states, image, pooled), latents, decoder_schedule,
-                                  timesteps=t, noise=noise, min_snr_gamma=cfg.min_snr_gamma)
+            image = f["decoder_image"] if pipe.decoder.config.uses_image_embeds else None
+            loss = decoder_loss(m.decoder, f["latents"], text[:2], empty[:2], image, rnd, decoder_schedule,
+                                cfg.text_dropout, cfg.image_dropout, cfg.noise_offset, cfg.min_snr_gamma)
             total, logs["decoder_loss"] = total + loss, loss.detach()
         if train_prior:  # as training.train_prior
             if pipe.prior_text_encoder is not None or \

@@ -17,10 +17,10 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
+from latent_diffusion.diffusion import NoiseSchedule
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
-from training.common import build_dataset, encode_batch, load_clip
+from training.common import build_dataset, decoder_loss, encode_batch, load_clip
 from training.config import ExperimentConfig, stage_parser
 from training.loop import fit, setup_stage
 
@@ -89,23 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     def loss_fn(model, batch, rnd, step):
         f = batch if dc.cache else features(batch)
         f = {k: v.to(acc.device) for k, v in f.items()}
-        B = f["mean"].shape[0]
         latents = vae.to_latents(f["mean"] + f["std"] * rnd.randn(*f["mean"].shape[1:]))
-        drop_text, drop_image = rnd.rand() < dc.text_dropout, rnd.rand() < dc.image_dropout
-        states = torch.where(drop_text[:, None, None], empty["text_states"].expand(B, -1, -1), f["text_states"])
-        pooled = torch.where(drop_text[:, None], empty["text_embeds"].expand(B, -1), f["text_embeds"])
-        image = None
-        if use_image:
-            image = torch.where(drop_image[:, None], torch.zeros_like(f["image_embeds"]), f["image_embeds"])
-        t = rnd.randint(schedule.num_train_timesteps)
-        noise = rnd.randn(*latents.shape[1:])
-        if dc.noise_offset:  # a per-channel constant shift of the noise (Guttenberg 2023)
-            noise = noise + dc.noise_offset * rnd.randn(latents.shape[1], 1, 1)
-
-        def model_fn(x_t, tt):
-            return model(x_t, tt, states, image, pooled)
-
-        loss = diffusion_loss(model_fn, latents, schedule, timesteps=t, noise=noise, min_snr_gamma=dc.min_snr_gamma)
+        loss = decoder_loss(model, latents, (f["text_states"], f["text_embeds"]),
+                            (empty["text_states"], empty["text_embeds"]), f["image_embeds"] if use_image else None,
+                            rnd, schedule, dc.text_dropout, dc.image_dropout, dc.noise_offset, dc.min_snr_gamma)
         return loss, {}
 
     prior = DiffusionPrior.from_pretrained(out / "prior", device=acc.device) if use_image else None
