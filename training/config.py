@@ -40,6 +40,7 @@ class OptimConfig:
     validate_every: int = 0  # 0: validate only at the end
     num_workers: int = 0
     gradient_checkpointing: bool = False
+    compile: bool = False  # regional torch.compile of the model's blocks (speed.compile_blocks): for GPUs
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from latent_diffusion import speed
 from latent_diffusion.io import save_safetensors
 from training import sharding
 from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
@@ -324,6 +325,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     """
     acc = stage.accelerator
     world, rank = acc.num_processes, acc.process_index
+    if oc.compile:  # block by block, before sharding (as torchtitan orders them); state-dict keys are unchanged
+        speed.compile_blocks(model)
     if stage.fsdp:  # shard first: the optimizer must hold the sharded parameters
         if params is not None:
             raise ValueError(f"{stage.name}: --fsdp trains whole models only")
