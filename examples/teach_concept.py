@@ -94,7 +94,7 @@ class Concept:
 
     def validation_prompts(self) -> list[str]:
         if self.kind == "color":
-            return [f"a {self.name} circle", f"a large {self.name} square on the left", self.heldout_group,
+            return [f"a {self.name} circle", f"a large {self.name} square on the left", f"a {self.heldout_group}",
                     "a red circle"]
         return [f"a red {self.name}", f"a large blue {self.name} on the left", f"a {self.heldout_group}",
                 "a red circle"]
@@ -213,8 +213,10 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
         lines.append(f"| {group} | {len(groups[group])} | {r['base']['pass_rate']:.2f} | {r['lora']['pass_rate']:.2f} "
                      f"| {r['base'][f'{attribute}_accuracy']:.2f} | {r['lora'][f'{attribute}_accuracy']:.2f} |")
     retention = results["suite"]["retention"]
-    lines.append(f"| original suite ({len(suite)} prompts × {suite_seeds}) | {len(suite)} | {base_suite:.3f} | "
-                 f"{results['suite']['lora']:.3f} | retention {'—' if retention is None else f'{retention:.2f}'} | |")
+    lines += ["", "| original suite (DPM-Solver++(2M) 20) | prompts × seeds | base pass | LoRA pass | retention |",
+              "|---|---|---|---|---|",
+              f"| all groups | {len(suite)} × {suite_seeds} | {base_suite:.3f} | {results['suite']['lora']:.3f} | "
+              f"{'—' if retention is None else f'{retention:.2f}'} |"]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {folder}/results.json, results.md and the grids")

@@ -329,3 +329,29 @@ def test_compile_switch_compiles_every_block_and_trains_the_same(tmp_path, monke
     a, b = weights(tmp_path / "compiled", "vae"), weights(tmp_path / "eager", "vae")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_bf16_keeps_float_timesteps_exact(tmp_path):
+    """Under bf16 the sharded model computes with bf16 weights, but its inputs are not cast: timestep 257 stays
+    257 (bf16 would round it to 256)."""
+    script = tmp_path / "check.py"
+    script.write_text(f'''
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+from latent_diffusion.models import PRIOR_PRESETS, DiffusionPrior
+from training.sharding import shard_model
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+model = shard_model(DiffusionPrior(PRIOR_PRESETS["tiny"]), torch.device("cpu"), 1, "bf16")
+seen = []
+model.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+c = model.config
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    model(torch.randn(2, c.embed_dim), torch.tensor([257.0, 999.0]), torch.randn(2, 5, c.text_states_dim),
+          torch.randn(2, c.text_embed_dim))
+print(seen[0].dtype, seen[0].tolist())
+dist.destroy_process_group()
+''')
+    result = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "torch.float32 [257.0, 999.0]"

@@ -258,5 +258,6 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     parser.add_argument("--fsdp", action="store_true",
                         help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
-                             "gradients and optimizer state split across processes; same results as data-parallel")
+                             "gradients and optimizer state split across processes; in fp32 the same weights as "
+                             "data-parallel")
     return parser

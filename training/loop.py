@@ -240,10 +240,10 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     state: dict[str, Any] = {"step": step}
-    if stage.fsdp:  # gather on every rank (collective), write on rank 0
-        weights = sharding.full_tensors(model.state_dict())
+    if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
+        weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
         optim_state = sharding.optimizer_state(model, optimizer)
-        shadow = sharding.full_tensors(ema.shadow) if ema is not None else None
+        shadow = sharding.full_tensors(ema.shadow, keep=acc.is_main_process) if ema is not None else None
         state.update(fsdp=True, scheduler=scheduler.state_dict())
         if acc.is_main_process:
             tmp.mkdir(parents=True)
@@ -318,7 +318,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         collate: Callable | None = None, validate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
         params: Any = None) -> torch.nn.Module:
     """Train `model` for `stage.max_steps` optimiser steps and return the unwrapped model holding the final
-    weights (the EMA weights when `oc.ema_decay` is set).
+    weights (the EMA weights when `oc.ema_decay` is set). Under `--fsdp` only the main process gets that
+    (unsharded) model; the others get their sharded module back.
 
     loss_fn(model, batch, rnd, step) -> (scalar loss, metrics) computes the loss of this process's micro-batch
     with `model` as prepared by Accelerate (DDP-wrapped when distributed); randomness must come from `rnd`.
@@ -362,7 +363,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         for micro in range(oc.grad_accum):
             batch = next(batches)
             rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
-            sync = acc.no_sync(wrapped) if micro < oc.grad_accum - 1 else nullcontext()
+            last = micro == oc.grad_accum - 1
+            if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
+                wrapped.set_requires_gradient_sync(last)
+            sync = acc.no_sync(wrapped) if not last and not stage.fsdp else nullcontext()
             with sync, acc.autocast():
                 loss, extra = loss_fn(wrapped, batch, rnd, step)
             acc.backward(loss / oc.grad_accum)
@@ -404,15 +408,16 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
             last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
-            _run_validation(stage, wrapped, ema, validate, done, metrics_path)
+            _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
     bar.close()
     if board is not None:
         board.close()
     if stage.max_steps > start:
         save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
-    if stage.fsdp:  # every process gets the whole final model, unsharded
-        final = sharding.unsharded_copy(wrapped, sharding.full_tensors(
-            ema.shadow if ema is not None else wrapped.state_dict()), acc.device)
+    if stage.fsdp:  # the main process gets the whole final model, unsharded; the others keep their shards
+        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict(),
+                                      keep=acc.is_main_process)
+        final = sharding.unsharded_copy(wrapped, state, acc.device) if acc.is_main_process else wrapped
         if acc.is_main_process:  # shards differ by design: there is nothing to compare across ranks
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"world_size": acc.num_processes, "fsdp": True}) + "\n")
@@ -422,7 +427,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         if ema is not None:
             ema.copy_to(final)
     final.eval()
-    if validate is not None:
+    if validate is not None:  # (under --fsdp the main process validates its unsharded copy; the others wait)
         _run_validation(stage, final if stage.fsdp else wrapped, None, validate, stage.max_steps, metrics_path)
     return final
 
@@ -454,14 +459,15 @@ def check_in_sync(stage: Stage, model: torch.nn.Module, metrics_path: Path) -> N
 
 
 def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, validate: Callable, step: int,
-                    metrics_path: Path) -> None:
-    """`validate(model, step)` on the main process with the EMA weights when there are any. A sharded model is
+                    metrics_path: Path, sharded: bool = False) -> None:
+    """`validate(model, step)` on the main process with the EMA weights when there are any. A `sharded` model is
     first gathered (by every process) into an unsharded copy."""
     acc = stage.accelerator
     acc.wait_for_everyone()
     model, backup = None, None
-    if sharding.is_sharded(wrapped):
-        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict())
+    if sharded:
+        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict(),
+                                      keep=acc.is_main_process)
         if acc.is_main_process:
             model = sharding.unsharded_copy(wrapped, state, acc.device)
     elif acc.is_main_process:
@@ -470,10 +476,11 @@ def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, val
             backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
             ema.copy_to(model)
     if model is not None:
+        was_training = model.training
         model.eval()
         with torch.no_grad():
             result = validate(model, step) or {}
-        model.train()
+        model.train(was_training)
         if backup is not None:
             model.load_state_dict(backup)
         if result:

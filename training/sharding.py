@@ -3,10 +3,12 @@ applied from outside the model code, block by block, as torchtitan does: each Re
 PriorBlock becomes one unit whose parameters are gathered just for its forward and backward, then the root takes
 whatever is left (stems, time MLP, heads).
 
-Parameters, gradients and AdamW state are split across the processes as DTensors. Gradients are averaged across
-processes like DDP's, so a sharded run computes the same weights as an unsharded one with the same global batch.
-Checkpoints and exports are written in full (unsharded) form by rank 0, so they load into any number of
-processes, sharded or not. Every function that touches sharded tensors here is collective: all ranks call it.
+Parameters, gradients and AdamW state are split across the processes as DTensors, so each process holds about
+1/N of them (plus one gathered block at a time); the model is moved to the GPU unit by unit, already split.
+Gradients are averaged across processes like DDP's, so in fp32 a sharded run computes the same weights as an
+unsharded one with the same global batch. Checkpoints and exports are written in full (unsharded) form by rank 0:
+the weights load anywhere; resuming the optimizer state needs `--fsdp` again (any number of processes from two).
+Every function that touches sharded tensors here is collective: all ranks call it.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ SHARD_UNITS = (ResBlock, SpatialTransformer, PriorBlock)
 
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_precision: str = "no") -> nn.Module:
-    """Shard `model` in place over a 1-D mesh of all processes and return it. Under bf16 the gathered parameters
-    are cast to bf16 for compute while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy)."""
+    """Shard `model` (on the CPU or already on `device`) in place over a 1-D mesh of all processes and return it;
+    `fully_shard` moves each unit to `device` as it splits it. Under bf16 the gathered parameters are cast to bf16
+    for compute while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy). Forward inputs are not cast:
+    autocast handles activations, and a float timestep such as 257 must not become bf16's 256."""
     if mixed_precision == "fp16":
         raise ValueError("--fsdp supports --mixed-precision no or bf16, not fp16 (fp16 needs a sharded gradient "
                          "scaler); use bf16")
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    model.to(device)
     for module in model.modules():
         if isinstance(module, SHARD_UNITS):
             fully_shard(module, mesh=mesh, mp_policy=policy)
@@ -49,13 +52,16 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_p
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unsharded CPU copies of a state dict's tensors (all-gathers every DTensor: collective)."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone() for k, v in state.items()}
+def full_tensors(state: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of a state dict's tensors, gathered one at a time (collective: every rank calls it;
+    ranks with `keep=False`, e.g. all but the main one, take part in the gathers and get {})."""
+    out = {}
+    for k, v in state.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.detach().cpu().clone()
+        del full
+    return out
 
 
 def shard_like(full: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,9 @@ def random_crop(x: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:
 class AutoencoderWithDiscriminator(nn.Module):
     """The autoencoder and its PatchGAN, trained together by one optimizer. The generator's term sees the
     discriminator through detached parameters and the discriminator's terms see detached reconstructions, so a
-    single backward pass gives each network the gradient of its own objective only."""
+    single backward pass gives each network the gradient of its own objective only. They share the learning
+    rate schedule and the gradient clipping (of their joint norm); before `gan_start` the discriminator's
+    gradient is exactly zero, so AdamW (without weight decay, the VAE default) leaves it as initialised."""
 
     def __init__(self, vae: AutoencoderKL, disc: PatchDiscriminator):
         super().__init__()
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     if vc.gan_weight > 0:
         if stage.fsdp:
             raise ValueError("vae.gan_weight > 0 is not supported with --fsdp; train the VAE data-parallel")
+        side = vc.crop_size or cfg.data.image_size
+        if side // 2 ** vc.disc_layers < 3:
+            raise ValueError(f"vae.disc_layers={vc.disc_layers} leaves no patch of a {side}-pixel training image "
+                             f"(it needs at least {3 * 2 ** vc.disc_layers} pixels): use fewer layers")
         model = AutoencoderWithDiscriminator(vae, PatchDiscriminator(PatchDiscriminatorConfig(
             channels=vc.disc_channels, layers=vc.disc_layers)))
 

@@ -9,6 +9,7 @@ images in the (per-process) batch: one process and several give the same result.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,8 @@ DISCRIMINATOR_PRESETS = {"tiny": PatchDiscriminatorConfig(channels=8, layers=2, 
 
 
 class PatchDiscriminator(nn.Module):
-    """(B, C, H, W) images in [-1, 1] → (B, 1, h, w) real-vs-fake logits, one per patch (h = H/2^layers - 2)."""
+    """(B, C, H, W) images in [-1, 1] → (B, 1, h, w) real-vs-fake logits, one per patch (h = H/2^layers - 2, so
+    H must be at least 2^layers · 3)."""
 
     def __init__(self, config: PatchDiscriminatorConfig):
         super().__init__()
@@ -37,7 +39,7 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, c.layers + 1):
             stride = 2 if i < c.layers else 1  # the last layer keeps the resolution (as in pix2pix)
             layers += [nn.Conv2d(widths[i - 1], widths[i], 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(min(c.norm_groups, widths[i]), widths[i]), nn.LeakyReLU(0.2)]
+                       nn.GroupNorm(math.gcd(c.norm_groups, widths[i]), widths[i]), nn.LeakyReLU(0.2)]
         layers.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
         for m in self.modules():  # pix2pix initialisation: N(0, 0.02) convolutions
