@@ -355,3 +355,30 @@ dist.destroy_process_group()
     result = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "torch.float32 [257.0, 999.0]"
+
+
+def test_decoder_feature_cache_is_kept_and_reused_on_resume(one_process_run, tmp_path, capsys):
+    """`decoder.cache`: the features are written once, reused by `--resume`, and give the same weights as a run
+    computing them on the fly."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from training import train_decoder
+
+    for name in ("cached", "plain"):
+        shutil.copytree(one_process_run, tmp_path / name, ignore=shutil.ignore_patterns("decoder"))
+    common = ["--config", MICRO, "--decoder.optim.lr_schedule", "constant"]
+    cached = [*common, "--output-dir", str(tmp_path / "cached"), "--decoder.cache", "true"]
+    train_decoder.main([*cached, "--max-steps", "2"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    files = list((tmp_path / "cached" / "_work" / "decoder").glob("features-*.safetensors"))
+    assert len(files) == 1
+    capsys.readouterr()
+    train_decoder.main([*cached, "--max-steps", "3", "--resume", "latest"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert f"cached latents and CLIP features from {files[0]}" in capsys.readouterr().out
+    train_decoder.main([*common, "--output-dir", str(tmp_path / "plain"), "--max-steps", "3"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Features encoded in batches of 256 vs 8 differ in float rounding, which Adam can turn into tiny steps.
+    assert_same_weights(weights(tmp_path / "cached", "decoder"), weights(tmp_path / "plain", "decoder"), "cache")

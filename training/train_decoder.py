@@ -2,7 +2,8 @@
 on the CLIP image embedding of the training image (unCLIP, Ramesh et al. 2022, §2.1). Text and image
 conditioning are dropped independently (`text_dropout`: empty caption; `image_dropout`: zero embedding) so both
 can be guided. Epsilon or v prediction (from the schedule), min-SNR-γ weighting (Hang et al. 2023) and noise
-offset are options; `cache: true` precomputes the VAE posteriors and CLIP features once.
+offset are options; `cache: true` precomputes the VAE posteriors and CLIP features once and keeps them in
+`_work/decoder/features-<fingerprint>.safetensors`, so a resumed or continued run skips that work.
 
     accelerate launch -m training.train_decoder --config configs/shapes/tiny.yaml --output-dir runs/tiny
 
@@ -12,12 +13,17 @@ has a prior, `train_prior` first).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from latent_diffusion.diffusion import NoiseSchedule
+from latent_diffusion.io import config_to_dict, save_safetensors
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
 from training.common import build_dataset, decoder_loss, encode_batch, load_clip
@@ -36,6 +42,17 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
+
+
+def features_key(cfg: ExperimentConfig, out: Path) -> str:
+    """A fingerprint of what the cached features depend on: the data config, the seed, and the VAE and CLIP
+    files (a retrained VAE or CLIP makes a new cache)."""
+    h = hashlib.sha256(json.dumps([config_to_dict(cfg.data), cfg.seed], sort_keys=True).encode())
+    for part in ("tokenizer", "text_encoder", "image_encoder", "vae"):
+        for f in sorted((out / part).glob("*")) if (out / part).is_dir() else []:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
@@ -68,10 +85,19 @@ def main(argv: list[str] | None = None) -> None:
         return {"mean": posterior.mean, "std": posterior.std, **f}
 
     if dc.cache:
-        stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
-        parts = [{k: v.cpu() for k, v in features(b).items()} for b in loader]
-        dataset = CachedFeatures({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        path = stage.work_dir / f"features-{features_key(cfg, out)}.safetensors"
+        if path.is_file():
+            stage.print(f"decoder: cached latents and CLIP features from {path}")
+            dataset = CachedFeatures(load_file(str(path)))
+        else:
+            stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
+            loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
+            parts = [{k: v.cpu() for k, v in features(b).items()} for b in loader]
+            dataset = CachedFeatures({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+            if acc.is_main_process:  # kept for resumed or continued runs; stale ones go
+                for old in stage.work_dir.glob("features-*.safetensors"):
+                    old.unlink()
+                save_safetensors(path, dataset.tensors)
 
     tc = text_encoder.config
     torch.manual_seed(cfg.seed)
