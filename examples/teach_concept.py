@@ -20,9 +20,10 @@ in practice. One combination is never shown — a pink *star*, a *green* heart �
 composes with what the model already knows.
 
 `train` runs `accelerate launch [--accelerate-args] -m training.finetune --method lora --components decoder,prior`
-(rank 8, 2000 steps of batch 16 by default; anything after `--` is passed to training.finetune, e.g.
-`-- --max-steps 500 --mixed-precision bf16`). The LoRA lands in `OUT/lora`, validation grids in
-`OUT/lora/_work/finetune/` (`validation-0000000.png` is the base model).
+(rank 8, 2000 steps of batch 16 by default; `--method full` fine-tunes the whole decoder and prior instead; anything
+after `--` is passed to training.finetune, e.g. `-- --max-steps 500 --mixed-precision bf16`). The result lands in
+`OUT/lora` (or `OUT/full`, a complete pipeline), validation grids in `OUT/<method>/_work/finetune/`
+(`validation-0000000.png` is the base model).
 
 `evaluate` samples, with the base pipeline and with the LoRA loaded (same prompts and seeds), three single-object
 prompt groups — the concept (`pink` / `heart`, with sizes and positions), the held-out combination, and `control`
@@ -134,14 +135,16 @@ def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int 
     print(f"wrote {num_images} images ({count} with {concept.name}) and metadata.jsonl to {folder}")
 
 
-def train(pipeline: str, out: Path, concept: Concept, accelerate_args: str, extra: list[str]) -> None:
+def train(pipeline: str, out: Path, concept: Concept, accelerate_args: str, extra: list[str],
+          method: str = "lora") -> None:
     """Run the fine-tune exactly as a user would type it."""
     prompts = [x for p in concept.validation_prompts() for x in ("--validation-prompt", p)]
+    lora = ["--rank", "8", "--alpha", "8"] if method == "lora" else []
     cmd = ["accelerate", "launch", *shlex.split(accelerate_args), "-m", "training.finetune",
-           "--pipeline", pipeline, "--train-data-dir", str(out / "data"), "--method", "lora",
-           "--components", "decoder,prior", "--rank", "8", "--alpha", "8", "--max-steps", "2000",
+           "--pipeline", pipeline, "--train-data-dir", str(out / "data"), "--method", method,
+           "--components", "decoder,prior", *lora, "--max-steps", "2000",
            "--batch-size", "16", "--learning-rate", "1e-4", *prompts,
-           "--output-dir", str(out / "lora"), *extra]  # later flags win: `extra` overrides the defaults above
+           "--output-dir", str(out / method), *extra]  # later flags win: `extra` overrides the defaults above
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
@@ -167,9 +170,9 @@ def prompt_groups(concept: Concept, per_group: int = 16, seed: int = 1) -> dict[
 
 
 def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: int = 25, device: str = "cpu",
-             suite_seeds: int = 2) -> dict:
-    """Checker pass rate and concept accuracy per group, base vs LoRA, same prompts and seeds; then the original
-    suite's pass rate for both (forgetting)."""
+             suite_seeds: int = 2, method: str = "lora") -> dict:
+    """Checker pass rate and concept accuracy per group, base vs fine-tuned ("tuned": the LoRA loaded, or the full
+    fine-tune's pipeline), same prompts and seeds; then the original suite's pass rate for both (forgetting)."""
     import torch
 
     from latent_diffusion import TextToImagePipeline
@@ -184,10 +187,12 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
     groups = prompt_groups(concept)
     attribute = concept.kind
     suite = prompt_suite(8, heldout_pairs=heldout_pairs(Path(pipeline)))
-    results: dict = {"concept": concept.name, "groups": {}, "suite": {}}
-    for model in ("base", "lora"):
-        if model == "lora":
+    results: dict = {"concept": concept.name, "method": method, "groups": {}, "suite": {}}
+    for model in ("base", "tuned"):
+        if model == "tuned" and method == "lora":
             load_lora(pipe, out / "lora")
+        elif model == "tuned":
+            pipe = TextToImagePipeline.from_pretrained(out / method, device=device)
         for group, specs in groups.items():
             prompts = [caption(s) for s in specs]
             with torch.no_grad():
@@ -198,24 +203,26 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
                 "pass_rate": float(np.mean([c.passed for c in checks])),
                 f"{attribute}_accuracy": float(np.mean([not {attribute, "count"} & set(c.failed) for c in checks])),
                 "images": len(checks)}
-            make_grid(images, columns=seeds * 4).save(folder / f"{group.replace(' ', '_')}-{model}.png")
+            name = model if model == "base" else method
+            make_grid(images, columns=seeds * 4).save(folder / f"{group.replace(' ', '_')}-{name}.png")
         with torch.no_grad():
             scored = evaluate_suite(pipe, suite, seeds=suite_seeds, settings=(("DPM-Solver++(2M) 20", "dpmpp_2m", 20),),
                                     progress=False)
         results["suite"][model] = scored["samplers"]["DPM-Solver++(2M) 20"]["pass_rate"]
-    unload_lora(pipe)
+    if method == "lora":
+        unload_lora(pipe)
     base_suite = results["suite"]["base"]
-    results["suite"]["retention"] = results["suite"]["lora"] / base_suite if base_suite else None
+    results["suite"]["retention"] = results["suite"]["tuned"] / base_suite if base_suite else None
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"| group | prompts | base pass | LoRA pass | base {attribute} acc. | LoRA {attribute} acc. |",
+    lines = [f"| group | prompts | base pass | tuned pass | base {attribute} acc. | tuned {attribute} acc. |",
              "|---|---|---|---|---|---|"]
     for group, r in results["groups"].items():
-        lines.append(f"| {group} | {len(groups[group])} | {r['base']['pass_rate']:.2f} | {r['lora']['pass_rate']:.2f} "
-                     f"| {r['base'][f'{attribute}_accuracy']:.2f} | {r['lora'][f'{attribute}_accuracy']:.2f} |")
+        lines.append(f"| {group} | {len(groups[group])} | {r['base']['pass_rate']:.2f} | {r['tuned']['pass_rate']:.2f} "
+                     f"| {r['base'][f'{attribute}_accuracy']:.2f} | {r['tuned'][f'{attribute}_accuracy']:.2f} |")
     retention = results["suite"]["retention"]
-    lines += ["", "| original suite (DPM-Solver++(2M) 20) | prompts × seeds | base pass | LoRA pass | retention |",
+    lines += ["", "| original suite (DPM-Solver++(2M) 20) | prompts × seeds | base pass | tuned pass | retention |",
               "|---|---|---|---|---|",
-              f"| all groups | {len(suite)} × {suite_seeds} | {base_suite:.3f} | {results['suite']['lora']:.3f} | "
+              f"| all groups | {len(suite)} × {suite_seeds} | {base_suite:.3f} | {results['suite']['tuned']:.3f} | "
               f"{'—' if retention is None else f'{retention:.2f}'} |"]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -231,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("step", choices=["data", "train", "evaluate", "all"])
     parser.add_argument("--concept", choices=sorted(CONCEPTS), default="pink", help="what to teach")
-    parser.add_argument("--out", default=None, help="working folder: data/, lora/, eval/ (default runs/CONCEPT)")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA or full fine-tuning")
+    parser.add_argument("--out", default=None,
+                        help="working folder: data/, lora/ or full/, eval/ (default runs/CONCEPT)")
     parser.add_argument("--pipeline", default=str(ROOT / "assets" / "shapes-64"), help="the pipeline to teach")
     parser.add_argument("--num-images", type=int, default=200, help="training images (at most 200)")
     parser.add_argument("--accelerate-args", default="", help='e.g. "--multi_gpu --num_processes 2"')
@@ -244,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("data", "all"):
         write_data(out / "data", concept, args.num_images)
     if args.step in ("train", "all"):
-        train(args.pipeline, out, concept, args.accelerate_args, extra)
+        train(args.pipeline, out, concept, args.accelerate_args, extra, args.method)
     if args.step in ("evaluate", "all"):
-        evaluate(args.pipeline, out, concept, args.seeds, args.steps, args.device)
+        evaluate(args.pipeline, out, concept, args.seeds, args.steps, args.device, method=args.method)
 
 
 def _has_cuda() -> bool:
