@@ -112,16 +112,19 @@ def with_concept(spec: SceneSpec, index: int, concept: Concept) -> SceneSpec:
     return SceneSpec(tuple(objects), spec.relations, spec.stated)
 
 
-def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int = 0) -> None:
-    """An imagefolder of `num_images` captioned scenes, three in four with the concept (never the held-out pair)."""
+def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int = 0, fraction: float = 0.75) -> None:
+    """An imagefolder of `num_images` captioned scenes, `fraction` of them with the concept (never the held-out
+    pair); the others are ordinary scenes that remind the model of what it knew."""
     if num_images > 200:
         raise ValueError(f"--num-images {num_images}: the demo uses at most 200 images")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--concept-fraction {fraction}: expected a fraction in (0, 1]")
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
         spec = sample_spec(rng, max_objects=2)
-        if i % 4 != 3:
+        if int((i + 1) * fraction) > int(i * fraction):  # spread evenly: int(num_images * fraction) in all
             candidates = [j for j, o in enumerate(spec.objects) if not concept.is_heldout(o)]
             while not candidates:  # every object would make the held-out pair: draw another scene
                 spec = sample_spec(rng, max_objects=1)
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="working folder: data/, lora/ or full/, eval/ (default runs/CONCEPT)")
     parser.add_argument("--pipeline", default=str(ROOT / "assets" / "shapes-64"), help="the pipeline to teach")
     parser.add_argument("--num-images", type=int, default=200, help="training images (at most 200)")
+    parser.add_argument("--concept-fraction", type=float, default=0.75, help="share of images showing the concept")
     parser.add_argument("--accelerate-args", default="", help='e.g. "--multi_gpu --num_processes 2"')
     parser.add_argument("--seeds", type=int, default=4, help="evaluation images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="evaluation sampling steps")
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     concept = CONCEPTS[args.concept]
     out = Path(args.out or f"runs/{concept.name}")
     if args.step in ("data", "all"):
-        write_data(out / "data", concept, args.num_images)
+        write_data(out / "data", concept, args.num_images, fraction=args.concept_fraction)
     if args.step in ("train", "all"):
         train(args.pipeline, out, concept, args.accelerate_args, extra, args.method)
     if args.step in ("evaluate", "all"):
