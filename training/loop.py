@@ -415,8 +415,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if stage.max_steps > start:
         save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
     if stage.fsdp:  # the main process gets the whole final model, unsharded; the others keep their shards
-        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict(),
-                                      keep=acc.is_main_process)
+        state = _gather_weights(stage, wrapped, ema)
         final = sharding.unsharded_copy(wrapped, state, acc.device) if acc.is_main_process else wrapped
         if acc.is_main_process:  # shards differ by design: there is nothing to compare across ranks
             with open(metrics_path, "a") as f:
@@ -458,6 +457,13 @@ def check_in_sync(stage: Stage, model: torch.nn.Module, metrics_path: Path) -> N
         raise RuntimeError(f"{stage.name}: processes ended with different weights: checksums {gathered.tolist()}")
 
 
+def _gather_weights(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None) -> dict[str, torch.Tensor]:
+    """The full weights of a sharded model (the EMA ones when there are any) on the main process, {} elsewhere
+    (collective)."""
+    state = ema.shadow if ema is not None else wrapped.state_dict()
+    return sharding.full_tensors(state, keep=stage.accelerator.is_main_process)
+
+
 def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, validate: Callable, step: int,
                     metrics_path: Path, sharded: bool = False) -> None:
     """`validate(model, step)` on the main process with the EMA weights when there are any. A `sharded` model is
@@ -466,8 +472,7 @@ def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, val
     acc.wait_for_everyone()
     model, backup = None, None
     if sharded:
-        state = sharding.full_tensors(ema.shadow if ema is not None else wrapped.state_dict(),
-                                      keep=acc.is_main_process)
+        state = _gather_weights(stage, wrapped, ema)
         if acc.is_main_process:
             model = sharding.unsharded_copy(wrapped, state, acc.device)
     elif acc.is_main_process:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         if name == "clip" and "--fsdp" in argv:  # CLIP is small: it trains data-parallel
             say("[train_all] clip: --fsdp covers the vae, prior and decoder stages; CLIP trains data-parallel",
-                  flush=True)
+                flush=True)
             module.main([a for a in argv if a != "--fsdp"])
         else:
             module.main(argv)
