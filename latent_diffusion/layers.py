@@ -131,6 +131,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, c
     return emb
 
 
+def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None,
+              max_period: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding of an H×W grid (Vaswani et al. 2017, §3.5, one half of the
+    channels per axis as in MAE, He et al. 2022). -> (H·W, dim), rows in row-major (y, x) order; dim % 4 == 0."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(max_period) * torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    y = torch.arange(height, dtype=torch.float32, device=device)[:, None] * freqs  # (H, dim/4)
+    x = torch.arange(width, dtype=torch.float32, device=device)[:, None] * freqs  # (W, dim/4)
+    ey = torch.cat([y.sin(), y.cos()], -1)[:, None].expand(height, width, dim // 2)
+    ex = torch.cat([x.sin(), x.cos()], -1)[None].expand(height, width, dim // 2)
+    return torch.cat([ey, ex], -1).reshape(height * width, dim)
+
+
 class TimestepMLP(nn.Module):
     """Linear → SiLU → Linear, used on timestep embeddings and on conditioning vectors."""
 

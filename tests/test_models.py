@@ -1,12 +1,13 @@
 """Our AutoencoderKL / UNet against diffusers on tiny random models (fp32, CPU), plus model-level behaviour."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from latent_diffusion.layers import attention, set_attention_backend
+from latent_diffusion.layers import attention, set_attention_backend, sincos_2d
 from latent_diffusion.models import (
     AUTOENCODER_PRESETS,
     PRIOR_PRESETS,
@@ -14,6 +15,7 @@ from latent_diffusion.models import (
     AutoencoderKL,
     DiffusionPrior,
     UNet,
+    UNetConfig,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -160,6 +162,39 @@ def test_unet_unclip_conditioning_changes_output_and_zero_is_null():
         assert torch.equal(unet(x, 10, ctx, None, txt), unet(x, 10, ctx, torch.zeros(2, 32), txt))
     with pytest.raises(ValueError, match="image_embeds has width 7"):
         unet(x, 10, ctx, torch.randn(2, 7))
+
+
+def test_position_embedding_starts_as_a_no_op_and_then_changes_the_output():
+    """Zero-initialised position projections: a UNet gaining them computes what it did (warm start)."""
+    torch.manual_seed(0)
+    base = UNet(UNET_PRESETS["tiny"]).eval()
+    randomize(base, 6)
+    pos = UNet(dataclasses.replace(UNET_PRESETS["tiny"], position_embedding=True)).eval()
+    missing = pos.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(".pos_proj." in k for k in missing)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(base(x, 10, ctx), pos(x, 10, ctx))
+        for name, p in pos.named_parameters():
+            if ".pos_proj." in name:
+                p.normal_(std=0.2)
+        assert not torch.allclose(base(x, 10, ctx), pos(x, 10, ctx), atol=1e-3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNetConfig(channels=(16, 30), attention_levels=(False, True), heads=(2, 2), transformer_depth=(1, 1),
+                   norm_groups=2, position_embedding=True)
+
+
+def test_sincos_2d_codes_rows_and_columns():
+    code = sincos_2d(3, 5, 8)  # (H·W, dim), row-major
+    assert code.shape == (15, 8)
+    grid = code.reshape(3, 5, 8)
+    assert torch.equal(grid[:, 0, :4], grid[:, 4, :4])  # first half: the row only
+    assert torch.equal(grid[0, :, 4:], grid[2, :, 4:])  # second half: the column only
+    assert torch.cdist(code, code).add(torch.eye(15)).min() > 0.1  # every position has its own code
+    row = torch.tensor([1.0, 0.01])  # row y = 1: sin, cos of 1 · 10000^(-i/2), i = 0, 1
+    assert torch.allclose(code[7, :4], torch.cat([row.sin(), row.cos()]), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 6)
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -382,3 +382,30 @@ def test_decoder_feature_cache_is_kept_and_reused_on_resume(one_process_run, tmp
     AcceleratorState._reset_state(reset_partial_state=False)
     # Features encoded in batches of 256 vs 8 differ in float rounding, which Adam can turn into tiny steps.
     assert_same_weights(weights(tmp_path / "cached", "decoder"), weights(tmp_path / "plain", "decoder"), "cache")
+
+
+def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
+    """`decoder.init_from` loads a finished decoder (here into a model that adds position embeddings, which start
+    at zero); with lr 0 the exported decoder is the source plus those zeros. Another architecture is refused."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from training import train_decoder
+
+    shutil.copytree(one_process_run, tmp_path / "warm", ignore=shutil.ignore_patterns("decoder"))
+    source = str(one_process_run / "decoder")
+    args = ["--config", MICRO, "--output-dir", str(tmp_path / "warm"), "--max-steps", "1",
+            "--decoder.init_from", source, "--decoder.position_embedding", "true"]
+    with pytest.raises(ValueError, match=r"another architecture: channels \(16, 32\) vs \(16, 64\)"):
+        train_decoder.main([*args, "--decoder.channels", "[16, 64]"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    train_decoder.main([*args, "--decoder.optim.lr", "0"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    before, after = weights(one_process_run, "decoder"), weights(tmp_path / "warm", "decoder")
+    added = sorted(set(after) - set(before))
+    assert added and all(".pos_proj." in k for k in added) and set(before) <= set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not after[k].any() for k in added)
+    config = json.loads((tmp_path / "warm" / "decoder" / "config.json").read_text())
+    assert config["position_embedding"] is True

@@ -55,6 +55,25 @@ def features_key(cfg: ExperimentConfig, out: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def warm_start(unet: UNet, folder: Path) -> None:
+    """Load another decoder's weights into `unet` (`decoder.init_from`). The architectures must match, except
+    that `unet` may add position embeddings, which start at zero (the loaded model's function is unchanged)."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"decoder.init_from={str(folder)!r} is not a decoder folder (no config.json); expected "
+                         "e.g. OUTPUT_DIR/decoder of a finished run")
+    source = UNet.from_pretrained(folder)
+    mine, theirs = config_to_dict(unet.config), config_to_dict(source.config)
+    differ = sorted(k for k in mine if mine[k] != theirs.get(k)
+                    and not (k == "position_embedding" and mine[k]))  # embeddings may be added, not dropped
+    if differ:
+        raise ValueError(f"decoder.init_from={str(folder)!r} has another architecture: "
+                         + ", ".join(f"{k} {theirs.get(k)} vs {mine[k]}" for k in differ))
+    state, own = source.state_dict(), unet.state_dict()
+    added = sorted(set(own) - set(state))
+    assert all(".pos_proj." in k for k in added) and not set(state) - set(own), added
+    unet.load_state_dict(state, strict=False)
+
+
 def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
     prior_schedule = cfg.prior.schedule if cfg.prior else PipelineConfig().prior_schedule
     return PipelineConfig(decoder_schedule=cfg.decoder.schedule, prior_schedule=prior_schedule,
@@ -107,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         transformer_depth=dc.transformer_depth, context_dim=tc.hidden_size, norm_groups=dc.norm_groups,
         image_embed_dim=image_encoder.config.projection_dim if use_image else None,
         image_context_tokens=dc.image_context_tokens if use_image else 0,
-        pooled_text_dim=tc.projection_dim if dc.use_pooled_text else None))
+        pooled_text_dim=tc.projection_dim if dc.use_pooled_text else None, position_embedding=dc.position_embedding))
+    if dc.init_from:
+        warm_start(unet, Path(dc.init_from))
+        stage.print(f"decoder: starting from the weights in {dc.init_from}")
     if dc.optim.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     schedule = NoiseSchedule(dc.schedule)

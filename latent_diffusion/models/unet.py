@@ -11,6 +11,10 @@ Conditioning:
 - image embedding (B, D), when configured: (a) `image_time_proj` MLP added to `temb`, and (b)
   `image_context_proj` into N extra context tokens appended to the text tokens (GLIDE/unCLIP);
 - pooled text embedding (B, P), when configured: `text_time_proj` added to `temb`.
+
+`position_embedding` (off in the Stable Diffusion family) gives every SpatialTransformer the absolute position
+of its tokens: convolutions with zero padding only hint at it, and prompts that say where ("on the left") need
+it in the attention queries.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from latent_diffusion.layers import (
     TimestepMLP,
     Upsample,
     rename_keys,
+    sincos_2d,
     timestep_embedding,
 )
 
@@ -66,6 +71,7 @@ class UNetConfig:
     image_embed_to_time: bool = True  # (a) add an MLP of the image embedding to the time embedding
     image_context_tokens: int = 0  # (b) number of extra context tokens projected from the image embedding
     pooled_text_dim: int | None = None  # P of `text_embeds` added to the time embedding; None: off
+    position_embedding: bool = False  # add a projected 2-D sin-cos position code to every attention's tokens
 
     def __post_init__(self) -> None:
         n = len(self.channels)
@@ -79,6 +85,10 @@ class UNetConfig:
         bad = [(c, h) for c, h, a in zip(self.channels, self.heads, self.attention_levels) if a and c % h]
         if bad:
             raise ValueError(f"(channels, heads) {bad}: channels must be divisible by heads")
+        bad = [c for i, (c, a) in enumerate(zip(self.channels, self.attention_levels))
+               if (a or i == n - 1) and c % 4]  # the mid block always has attention
+        if self.position_embedding and bad:
+            raise ValueError(f"position_embedding needs attention channels divisible by 4, got {bad}")
         if self.image_context_tokens and not self.image_embed_dim:
             raise ValueError("image_context_tokens > 0 needs image_embed_dim")
 
@@ -125,13 +135,19 @@ class SpatialTransformer(nn.Module):
     x: (B, C, H, W), context: (B, S, context_dim) -> (B, C, H, W)."""
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
-                 linear_projection: bool, upcast: bool):
+                 linear_projection: bool, upcast: bool, position_embedding: bool = False):
         super().__init__()
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if linear_projection else \
             (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
+        # Zero-initialised: a model gaining position embeddings computes exactly what it did before (a warm
+        # start from weights trained without them), and learns how much position to use.
+        self.pos_proj = nn.Linear(channels, channels) if position_embedding else None
+        if self.pos_proj is not None:
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
         self.proj_out = proj()
 
@@ -139,6 +155,8 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a free view under channels_last
         h = _project(self.proj_in, h)
+        if self.pos_proj is not None:  # (H·W, C) code, broadcast over the batch
+            h = h + self.pos_proj(sincos_2d(H, W, C, h.device).to(h.dtype))
         for block in self.blocks:
             h = block(h, context)
         h = _project(self.proj_out, h).transpose(1, 2).reshape(B, C, H, W)
@@ -173,7 +191,7 @@ class MidBlock(nn.Module):
         ch = c.channels[-1]
         self.res1 = ResBlock(ch, ch, c.time_embed_dim, c.norm_groups, c.norm_eps, c.dropout)
         self.attn = SpatialTransformer(ch, c.heads[-1], c.transformer_depth[-1], c.context_dim, c.norm_groups,
-                                       c.use_linear_projection, c.upcast_attention)
+                                       c.use_linear_projection, c.upcast_attention, c.position_embedding)
         self.res2 = ResBlock(ch, ch, c.time_embed_dim, c.norm_groups, c.norm_eps, c.dropout)
 
 
@@ -207,7 +225,7 @@ class UNet(nn.Module):
 
         def attn(ch: int, level: int) -> SpatialTransformer:
             return SpatialTransformer(ch, c.heads[level], c.transformer_depth[level], c.context_dim, c.norm_groups,
-                                      c.use_linear_projection, c.upcast_attention)
+                                      c.use_linear_projection, c.upcast_attention, c.position_embedding)
 
         n = len(c.channels)
         down, skip_channels, prev = [], [c.channels[0]], c.channels[0]
