@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,16 @@ import torch
 from PIL import Image
 
 from latent_diffusion.data.checker import check
-from latent_diffusion.data.shapes import COLORS, SHAPES, SceneSpec, caption, render, sample_spec
+from latent_diffusion.data.shapes import (
+    COLORS,
+    EDIT_KINDS,
+    SHAPES,
+    SceneSpec,
+    caption,
+    edit_spec,
+    render,
+    sample_spec,
+)
 
 GROUPS: tuple[str, ...] = ("single", "relation", "three", "heldout")
 ATTRIBUTES: tuple[str, ...] = ("count", "color", "shape", "size", "cell", "relation")
@@ -91,6 +101,28 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     sqrt_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     middle = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
     return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+
+
+def clip_binding(embed_text: Callable[[list[str]], torch.Tensor], image_embeds: torch.Tensor,
+                 specs: list[SceneSpec], seed: int = 0) -> dict[str, float]:
+    """How well a CLIP binds each attribute: per edit kind (`edit_spec`), the fraction of images whose embedding
+    is closer (cosine) to their own caption than to the caption with one stated attribute changed — the
+    image→text side of the ARO / NegCLIP probes (Yuksekgonul et al. 2023). 0.5 is chance.
+
+    image_embeds: (N, P) for the N scenes `specs`; embed_text(captions) -> (M, P). Kinds with no possible edit in
+    `specs` are left out."""
+    image = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    right = torch.nn.functional.normalize(embed_text([caption(s) for s in specs]).float().to(image), dim=-1)
+    rng = np.random.default_rng([seed, 5])
+    out: dict[str, float] = {}
+    for kind in EDIT_KINDS:
+        pairs = [(i, e) for i, e in ((i, edit_spec(s, kind, rng)) for i, s in enumerate(specs)) if e is not None]
+        if pairs:
+            rows = [i for i, _ in pairs]
+            wrong = torch.nn.functional.normalize(embed_text([caption(e) for _, e in pairs]).float().to(image), dim=-1)
+            closer = (image[rows] * right[rows]).sum(-1) > (image[rows] * wrong).sum(-1)
+            out[kind] = closer.float().mean().item()
+    return out
 
 
 def _stated(spec: SceneSpec, attribute: str) -> bool:
@@ -159,6 +191,9 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
                                "prior_guidance_scale": prior_guidance_scale, "samplers": {}, "ablations": {}}
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
     results["real_images"] = {**score_images(real, expanded), "clip_score": 100 * real_text_cos}
+    results["clip_binding"] = clip_binding(lambda captions: torch.cat(
+        [pipe.encode_prompt(chunk)[1].float().cpu() for chunk in _chunks(captions, batch_size)]), real_embeds,
+        [item.spec for item in expanded])
     # The VAE bounds everything the decoder can draw: score the real images after an encode/decode round trip.
     recon = _reconstruct(pipe, real, batch_size)
     results["vae_reconstructions"] = {**score_images(recon, expanded),
@@ -255,6 +290,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Ablations ({results.get('ablation_sampler', '')}):", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += [row(name, r) for name, r in results["ablations"].items()]
+    if results.get("clip_binding"):
+        lines += ["", "CLIP binding (how often a real image's embedding is closer to its caption than to the caption "
+                  "with one attribute changed; chance 0.5): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in results["clip_binding"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

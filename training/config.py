@@ -68,6 +68,7 @@ class ClipStageConfig:
     max_length: int = 32  # tokens per caption (CLIP's context length)
     pretrained: str | None = None  # a folder holding a CLIPModel + tokenizer: skip training
     temperature_init: float = 0.07
+    hard_negatives: bool = False  # shapes data: one caption per image with one attribute edited (NegCLIP)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1, batch_size=128))
 
 

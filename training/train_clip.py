@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latent_diffusion.data.shapes import EDIT_KINDS, SceneSpec, caption, edit_spec
+from latent_diffusion.evaluate import clip_binding
 from latent_diffusion.models.clip import (
     clip_config,
     clip_image_preprocess,
@@ -34,11 +37,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch (Radford et al. 2021, Fig. 3). text, image: (B, P), normalised."""
-    logits = logit_scale.exp().clamp(max=100) * text @ image.t()  # (B, B)
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor,
+                     negatives: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (Radford et al. 2021, Fig. 3). text, image: (B, P), normalised.
+
+    `negatives` (B, P): for each image, the embedding of a caption that is wrong in one attribute (NegCLIP,
+    Yuksekgonul et al. 2023, §4); it joins that image's image→text softmax as one more candidate (rows where
+    `has_negative` (B,) is False have none). In-batch negatives rarely differ from the positive in one word only,
+    so without these a CLIP can ignore position and shape and still match random batches by colour."""
+    scale = logit_scale.exp().clamp(max=100)
+    logits = scale * text @ image.t()  # (B texts, B images)
     labels = torch.arange(len(text), device=text.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    per_image = logits.t()  # (B images, B texts)
+    if negatives is not None:
+        own = (scale * (image * negatives).sum(-1)).masked_fill(~has_negative, float("-inf"))  # (B,)
+        per_image = torch.cat([per_image, own[:, None]], dim=1)  # (B, B + 1)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(per_image, labels))
+
+
+def hard_negative(spec: SceneSpec, rng: np.random.Generator) -> str | None:
+    """The caption of `spec` after one edit of a stated attribute (colour, shape, size, position, relation or
+    count, tried in random order), or None when no edit exists."""
+    for kind in rng.permutation(EDIT_KINDS):
+        edited = edit_spec(spec, str(kind), rng)
+        if edited is not None:
+            return caption(edited)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,28 +97,58 @@ def main(argv: list[str] | None = None) -> None:
         image_size = config.vision_config.image_size
         heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
 
+        if sc.hard_negatives and cfg.data.source != "shapes":
+            raise ValueError(f"clip.hard_negatives needs scene specs to edit (data.source shapes), not "
+                             f"data.source {cfg.data.source!r}")
+
+        def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
+            return tokenizer(captions, padding="max_length", truncation=True, max_length=sc.max_length,
+                             return_tensors="pt").to(acc.device)
+
         def loss_fn(model, batch, rnd, step):
-            tokens = tokenizer(batch["caption"], padding="max_length", truncation=True, max_length=sc.max_length,
-                               return_tensors="pt").to(acc.device)
+            captions = list(batch["caption"])
+            negatives = has_negative = None
+            if sc.hard_negatives:  # one edited caption per image, drawn per global sample index
+                seeds = rnd.randint(2**31).tolist()
+                edited = [hard_negative(SceneSpec.from_dict(spec), np.random.default_rng(seed))
+                          for spec, seed in zip(batch["spec"], seeds)]
+                has_negative = torch.tensor([float(e is not None) for e in edited], device=acc.device)
+                captions += [e or "" for e in edited]
+            tokens = tokenize(captions)
             pixels = clip_image_preprocess((batch["pixel_values"].to(acc.device) + 1) / 2, image_size)
             output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-            text, image = gather_with_grad(output.text_embeds), gather_with_grad(output.image_embeds)
-            loss = contrastive_loss(text, image, acc.unwrap_model(model).logit_scale)
-            return loss, {"temperature": 1 / acc.unwrap_model(model).logit_scale.exp().item()}
+            text_embeds, n = output.text_embeds, len(batch["caption"])
+            text, image = gather_with_grad(text_embeds[:n]), gather_with_grad(output.image_embeds)
+            if sc.hard_negatives:
+                negatives, has_negative = gather_with_grad(text_embeds[n:]), gather_with_grad(has_negative) > 0
+            scale = acc.unwrap_model(model).logit_scale
+            loss = contrastive_loss(text, image, scale, negatives, has_negative)
+            return loss, {"temperature": 1 / scale.exp().item()}
 
         def validate(model, step):
-            """Top-1 image→caption retrieval among 256 held-out pairs (chance: 1/256)."""
+            """Top-1 image→caption retrieval among 256 held-out pairs (chance: 1/256); for shapes data also the
+            binding accuracy per edit kind: how often an image is closer to its caption than to the caption
+            with one stated attribute changed (chance: 0.5)."""
             n = min(256, len(heldout))
             items = [heldout[i] for i in range(n)]
-            tokens = tokenizer([it["caption"] for it in items], padding="max_length", truncation=True,
-                               max_length=sc.max_length, return_tensors="pt").to(acc.device)
             pixels = torch.stack([it["pixel_values"] for it in items]).to(acc.device)
-            output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                           pixel_values=clip_image_preprocess((pixels + 1) / 2, image_size))
-            sims = output.image_embeds @ output.text_embeds.t()
+            unwrapped = acc.unwrap_model(model)
+
+            def embed(captions: list[str]) -> torch.Tensor:
+                tokens = tokenize(captions)
+                pooled = unwrapped.text_model(**tokens).pooler_output
+                return F.normalize(unwrapped.text_projection(pooled), dim=-1)
+
+            pooled = unwrapped.vision_model(pixel_values=clip_image_preprocess((pixels + 1) / 2, image_size))
+            image = F.normalize(unwrapped.visual_projection(pooled.pooler_output), dim=-1)
             captions = [it["caption"] for it in items]
-            hits = [captions[j] == captions[i] for i, j in enumerate(sims.argmax(dim=1).tolist())]
-            return {"retrieval_top1": sum(hits) / n}
+            text = embed(captions)
+            hits = [captions[j] == captions[i] for i, j in enumerate((image @ text.t()).argmax(dim=1).tolist())]
+            metrics = {"retrieval_top1": sum(hits) / n}
+            if cfg.data.source == "shapes":
+                specs = [SceneSpec.from_dict(it["spec"]) for it in items]
+                metrics |= {f"binding_{k}": v for k, v in clip_binding(embed, image, specs, cfg.seed).items()}
+            return metrics
 
         clip = fit(stage, clip, dataset, loss_fn, sc.optim, validate=validate)
 
