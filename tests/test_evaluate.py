@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from latent_diffusion.cli import main
-from latent_diffusion.data.shapes import render
-from latent_diffusion.evaluate import GROUPS, frechet_distance, prompt_suite, score_images
+from latent_diffusion.data.shapes import EDIT_KINDS, caption, render
+from latent_diffusion.evaluate import GROUPS, clip_binding, frechet_distance, prompt_suite, score_images
 
 
 def test_prompt_suite_groups_are_deterministic_and_honour_heldout():
@@ -55,5 +55,28 @@ def test_evaluate_command_writes_report(tiny_pipeline_dir, tmp_path):
     assert results["real_images"]["pass_rate"] >= 0.75
     run = results["samplers"]["DPM-Solver++(2M) 20"]
     assert 0 <= run["pass_rate"] <= 1 and run["fd_clip"] >= 0
+    assert set(results["clip_binding"]) <= set(EDIT_KINDS) and "color" in results["clip_binding"]
     assert "| setting | pass rate |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_clip_binding_scores_what_the_text_embedding_keeps():
+    """An embedding that keeps every word binds every attribute (1.0); one that drops the position words cannot
+    tell a moved object from the original (ties are not 'closer': 0.0 for the cell edits)."""
+    specs = [it.spec for it in prompt_suite(8, seed=3, heldout_pairs=())]
+    vocab: dict[str, int] = {}
+
+    def bag(captions: list[str], drop: tuple[str, ...] = ()) -> torch.Tensor:  # bag of words
+        out = torch.zeros(len(captions), 128)
+        for i, text in enumerate(captions):
+            for w in text.replace(",", "").split():
+                if w not in drop:
+                    out[i, vocab.setdefault(w, len(vocab))] += 1.0
+        return out
+
+    images = bag([caption(s) for s in specs])  # an "image encoder" that sees exactly the caption
+    full = clip_binding(bag, images, specs)
+    assert set(full) >= {"color", "shape", "cell", "count"} and min(full.values()) == 1.0
+    positions = ("in", "on", "at", "the", "left", "right", "top", "bottom", "center")
+    blind = clip_binding(lambda c: bag(c, positions), bag([caption(s) for s in specs], positions), specs)
+    assert blind["cell"] == 0.0 and blind["color"] == 1.0

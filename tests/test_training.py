@@ -409,3 +409,47 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     assert all(not after[k].any() for k in added)
     config = json.loads((tmp_path / "warm" / "decoder" / "config.json").read_text())
     assert config["position_embedding"] is True
+
+
+def test_clip_hard_negatives_join_each_images_softmax():
+    """NegCLIP loss in closed form; a masked-out negative changes nothing; each negative edits one attribute."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from latent_diffusion.data.shapes import SceneSpec, ShapesDataset, caption
+    from training.train_clip import contrastive_loss, hard_negative
+
+    torch.manual_seed(0)
+    text, image, neg = (F.normalize(torch.randn(4, 8), dim=-1) for _ in range(3))
+    scale = torch.tensor(2.0)
+    plain = contrastive_loss(text, image, scale)
+    assert torch.allclose(plain, contrastive_loss(text, image, scale, neg, torch.zeros(4, dtype=torch.bool)))
+    per_image = scale.exp() * image @ text.t()
+    own = scale.exp() * (image * neg).sum(-1)
+    i2t = (torch.logsumexp(torch.cat([per_image, own[:, None]], 1), 1) - per_image.diag()).mean()
+    t2i = F.cross_entropy(scale.exp() * text @ image.t(), torch.arange(4))
+    assert torch.allclose(contrastive_loss(text, image, scale, neg, torch.ones(4, dtype=torch.bool)),
+                          0.5 * (i2t + t2i))
+    data = ShapesDataset(20, seed=0)
+    for i in range(20):
+        spec = SceneSpec.from_dict(data[i]["spec"])
+        edited = hard_negative(spec, np.random.default_rng(i))
+        assert edited is not None and edited != caption(spec)
+        assert edited == hard_negative(spec, np.random.default_rng(i))
+
+
+def test_clip_stage_with_hard_negatives_reports_binding(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from training import train_clip
+
+    args = ["--config", MICRO, "--output-dir", str(tmp_path / "clip"), "--max-steps", "2", "--clip.hard_negatives",
+            "true"]
+    with pytest.raises(ValueError, match="clip.hard_negatives needs scene specs"):
+        train_clip.main([*args, "--data.source", "emoji"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    train_clip.main(args)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    validation = metrics(tmp_path / "clip", "clip")[-1]["validation"]
+    assert {"retrieval_top1", "binding_color", "binding_shape", "binding_cell"} <= set(validation)
+    assert all(0 <= v <= 1 for v in validation.values())

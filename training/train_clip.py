@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     sc = cfg.clip
     out = stage.output_dir
+    if sc.hard_negatives and (sc.pretrained or cfg.data.source != "shapes"):
+        raise ValueError(f"clip.hard_negatives needs scene specs to edit (data.source shapes, no clip.pretrained), "
+                         f"not data.source {cfg.data.source!r}, clip.pretrained {sc.pretrained!r}")
 
     if sc.pretrained:  # Use a trained CLIP as is.
         from transformers import CLIPModel, CLIPTokenizer
@@ -97,9 +100,6 @@ def main(argv: list[str] | None = None) -> None:
         image_size = config.vision_config.image_size
         heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
 
-        if sc.hard_negatives and cfg.data.source != "shapes":
-            raise ValueError(f"clip.hard_negatives needs scene specs to edit (data.source shapes), not "
-                             f"data.source {cfg.data.source!r}")
 
         def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
             return tokenizer(captions, padding="max_length", truncation=True, max_length=sc.max_length,
