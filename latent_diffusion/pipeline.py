@@ -89,6 +89,8 @@ class PipelineConfig:
     # without it (the padding tokens' states differ), so converted pipelines turn these off.
     text_attention_mask: bool = True
     prior_text_attention_mask: bool = True
+    # The decoder also attends to the text encoder's input token embeddings (`encode_text(token_embeddings=)`).
+    decoder_token_embeddings: bool = False
     # Stable unCLIP noise augmentation of the decoder's image embeddings (`models.image_normalizer`): None: off;
     # else the VP schedule that noises them, at `noise_level` unless a call names another level.
     image_noising_schedule: ScheduleConfig | None = None
@@ -290,12 +292,13 @@ class TextToImagePipeline:
         """prompts → the decoder's text conditioning: (token states (B, L, D_text), pooled embeddings (B, P),
         attention mask (B, L))."""
         states, pooled, mask = encode_text(self.tokenizer, self.text_encoder, prompts, device=self.device,
-                                           use_attention_mask=self.config.text_attention_mask)
+                                           use_attention_mask=self.config.text_attention_mask,
+                                           token_embeddings=self.config.decoder_token_embeddings)
         return states.to(self.dtype), pooled.to(self.dtype), mask
 
     @property
     def _prior_reads_decoder_text(self) -> bool:
-        return self.prior_text_encoder is None and \
+        return self.prior_text_encoder is None and not self.config.decoder_token_embeddings and \
             self.config.prior_text_attention_mask == self.config.text_attention_mask
 
     @torch.no_grad()

@@ -172,3 +172,38 @@ def test_img2img_full_strength_ignores_the_image(tiny_pipeline):
     kw = dict(strength=1.0, num_inference_steps=3, seed=0, output_type="pt", progress=False)
     torch.testing.assert_close(tiny_pipeline.img2img(a, "a red circle", **kw).images,
                                tiny_pipeline.img2img(b, "a red circle", **kw).images)
+
+
+def test_decoder_token_embeddings_reach_the_decoder_only(tiny_pipeline, tmp_path):
+    """`decoder_token_embeddings`: the decoder sees 2L context tokens (output states, then the layer-normalised
+    input embeddings), the prior still its L states; the switch changes the images and survives save/load."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    plain = tiny_pipeline.encode_prompt(["a red circle on the left"])
+    tiny_pipeline.config = replace(tiny_pipeline.config, decoder_token_embeddings=True)
+    states, pooled, mask = tiny_pipeline.encode_prompt(["a red circle on the left"])
+    L = plain[0].shape[1]
+    assert states.shape == (1, 2 * L, plain[0].shape[2]) and mask.shape == (1, 2 * L)
+    torch.testing.assert_close(states[:, :L], plain[0])
+    torch.testing.assert_close(pooled, plain[1])
+    ids = tiny_pipeline.tokenizer(["a red circle on the left"], padding="max_length", return_tensors="pt").input_ids
+    embedded = tiny_pipeline.text_encoder.text_model.embeddings(input_ids=ids)
+    torch.testing.assert_close(states[:, L:], F.layer_norm(embedded, embedded.shape[-1:]))
+    assert tiny_pipeline.encode_prior_prompt(["a red circle"])[0].shape[1] == L
+    seen = []
+    hook = tiny_pipeline.decoder.register_forward_pre_hook(  # the context: the only 3-D input
+        lambda m, args, kwargs: seen.extend(a.shape[1] for a in [*args, *kwargs.values()]
+                                            if torch.is_tensor(a) and a.ndim == 3), with_kwargs=True)
+    with_embeddings = tiny_pipeline("a red circle on the left", seed=0, output_type="pt", **FAST).images
+    hook.remove()
+    assert set(seen) == {2 * L}
+    tiny_pipeline.save_pretrained(tmp_path / "te")
+    again = TextToImagePipeline.from_pretrained(tmp_path / "te")
+    assert again.config.decoder_token_embeddings
+    torch.testing.assert_close(again("a red circle on the left", seed=0, output_type="pt", **FAST).images,
+                               with_embeddings)
+    tiny_pipeline.config = replace(tiny_pipeline.config, decoder_token_embeddings=False)
+    without = tiny_pipeline("a red circle on the left", seed=0, output_type="pt", **FAST).images
+    assert (without - with_embeddings).abs().max() > 1e-4

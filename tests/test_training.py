@@ -386,7 +386,8 @@ def test_decoder_feature_cache_is_kept_and_reused_on_resume(one_process_run, tmp
 
 def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     """`decoder.init_from` loads a finished decoder (here into a model that adds position embeddings, which start
-    at zero); with lr 0 the exported decoder is the source plus those zeros. Another architecture is refused."""
+    at zero, and reads CLIP's token embeddings too); with lr 0 the exported decoder is the source plus those zeros.
+    Another architecture is refused."""
     import shutil
 
     from accelerate.state import AcceleratorState
@@ -396,7 +397,7 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     shutil.copytree(one_process_run, tmp_path / "warm", ignore=shutil.ignore_patterns("decoder"))
     source = str(one_process_run / "decoder")
     args = ["--config", MICRO, "--output-dir", str(tmp_path / "warm"), "--max-steps", "1",
-            "--decoder.init_from", source, "--decoder.position_embedding", "true"]
+            "--decoder.init_from", source, "--decoder.position_embedding", "true", "--decoder.token_embeddings", "true"]
     with pytest.raises(ValueError, match=r"another architecture: channels \(16, 32\) vs \(16, 64\)"):
         train_decoder.main([*args, "--decoder.channels", "[16, 64]"])
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -409,6 +410,8 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     assert all(not after[k].any() for k in added)
     config = json.loads((tmp_path / "warm" / "decoder" / "config.json").read_text())
     assert config["position_embedding"] is True
+    index = json.loads((tmp_path / "warm" / "model_index.json").read_text())
+    assert index["config"]["decoder_token_embeddings"] is True
 
 
 def test_clip_hard_negatives_join_each_images_softmax():

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         use_mask = pipe.config.prior_text_attention_mask if for_prior else pipe.config.text_attention_mask
         with nullcontext() if trained else torch.no_grad():
             states, pooled, mask = encode_text(tok, encoder, [*captions, ""], device=acc.device,
-                                               use_attention_mask=use_mask)
+                                               use_attention_mask=use_mask,
+                                               token_embeddings=pipe.config.decoder_token_embeddings and not for_prior)
         return (states[:-1], pooled[:-1], mask[:-1]), (states[-1:], pooled[-1:], mask[-1:])
 
     @torch.no_grad()

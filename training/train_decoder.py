@@ -47,7 +47,8 @@ class CachedFeatures(Dataset):
 def features_key(cfg: ExperimentConfig, out: Path) -> str:
     """A fingerprint of what the cached features depend on: the data config, the seed, and the VAE and CLIP
     files (a retrained VAE or CLIP makes a new cache)."""
-    h = hashlib.sha256(json.dumps([config_to_dict(cfg.data), cfg.seed], sort_keys=True).encode())
+    key = [config_to_dict(cfg.data), cfg.seed] + ([True] if cfg.decoder.token_embeddings else [])  # old keys kept
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for part in ("tokenizer", "text_encoder", "image_encoder", "vae"):
         for f in sorted((out / part).glob("*")) if (out / part).is_dir() else []:
             h.update(f.name.encode())
@@ -77,7 +78,7 @@ def warm_start(unet: UNet, folder: Path) -> None:
 def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
     prior_schedule = cfg.prior.schedule if cfg.prior else PipelineConfig().prior_schedule
     return PipelineConfig(decoder_schedule=cfg.decoder.schedule, prior_schedule=prior_schedule,
-                          sample_size=cfg.data.image_size)
+                          sample_size=cfg.data.image_size, decoder_token_embeddings=cfg.decoder.token_embeddings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,13 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     vae = AutoencoderKL.from_pretrained(out / "vae", device=acc.device).requires_grad_(False)
     use_image = cfg.prior is not None
     dataset = build_dataset(cfg.data, cfg.seed)
-    empty = encode_batch(tokenizer, text_encoder, None, [""], None, pipe_cfg.image_mean, pipe_cfg.image_std)
+    empty = encode_batch(tokenizer, text_encoder, None, [""], None, pipe_cfg.image_mean, pipe_cfg.image_std,
+                         dc.token_embeddings)
 
     @torch.no_grad()
     def features(batch: dict) -> dict[str, torch.Tensor]:
         """VAE posterior (mean, std) and CLIP features of a batch of dataset items."""
         f = encode_batch(tokenizer, text_encoder, image_encoder if use_image else None, list(batch["caption"]),
-                         batch["pixel_values"], pipe_cfg.image_mean, pipe_cfg.image_std)
+                         batch["pixel_values"], pipe_cfg.image_mean, pipe_cfg.image_std, dc.token_embeddings)
         posterior = vae.encode(batch["pixel_values"].to(acc.device))
         return {"mean": posterior.mean, "std": posterior.std, **f}
 

@@ -325,8 +325,8 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompts: list[str],
-                device: torch.device | str | None = None,
-                use_attention_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device | str | None = None, use_attention_mask: bool = True,
+                token_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize `prompts` and run the CLIP text encoder.
 
     Pads to `tokenizer.model_max_length` (L) and truncates there, warning once per truncated
@@ -336,11 +336,16 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
     real tokens are the same either way). Gradients are not disabled: wrap in `torch.no_grad()` for
     a frozen encoder.
 
+    `token_embeddings` appends the encoder's input embeddings (token + position, layer-normalised without
+    parameters) to the states as L more tokens. A contrastively trained CLIP keeps in its output states only
+    what telling captions apart in a batch needed — small CLIPs keep colour and shape but barely separate
+    "left" from "right" (cosine 0.998 at that token) — while its input embeddings keep every word distinct.
+
     Returns:
-        token_states: (B, L, D) `last_hidden_state`.
+        token_states: (B, L, D) `last_hidden_state`; (B, 2L, D) with `token_embeddings`.
         pooled: (B, P) `text_embeds` of a `CLIPTextModelWithProjection`, or (B, D)
             `pooler_output` of a plain `CLIPTextModel` — the state at the first EOS token.
-        mask: (B, L) bool, True at real tokens (bos … eos).
+        mask: (B, L) bool, True at real tokens (bos … eos); (B, 2L) with `token_embeddings`.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a single string")
@@ -356,11 +361,16 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
         device = next(text_encoder.parameters()).device
     input_ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device).bool()
-    out = text_encoder(input_ids=input_ids, attention_mask=mask.long() if use_attention_mask else None)
+    out = text_encoder(input_ids=input_ids, attention_mask=mask.long() if use_attention_mask else None,
+                       output_hidden_states=token_embeddings)
     pooled = getattr(out, "text_embeds", None)
     if pooled is None:
         pooled = out.pooler_output
-    return out.last_hidden_state, pooled, mask
+    states = out.last_hidden_state
+    if token_embeddings:
+        embedded = F.layer_norm(out.hidden_states[0], states.shape[-1:])  # (B, L, D)
+        states, mask = torch.cat([states, embedded], dim=1), torch.cat([mask, mask], dim=1)  # (B, 2L, D)
+    return states, pooled, mask
 
 
 def clip_image_preprocess(images: torch.Tensor, image_size: int,
