@@ -11,7 +11,7 @@ tell apart (a binding near 0.5) is one the generated images cannot follow either
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +20,9 @@ from PIL import Image
 from latent_diffusion import TextToImagePipeline
 from latent_diffusion.data.shapes import SceneSpec, ShapesDataset
 from latent_diffusion.evaluate import clip_binding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +45,8 @@ def main() -> None:
         result = clip_binding(lambda c: pipe.encode_prompt(c)[1], image_embeds, specs)
     print(f"{args.pipeline}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"pipeline": args.pipeline, "num": args.num, "binding": result}, indent=1))
+        write_json(args.out, {"machine": machine_info(), "pipeline": args.pipeline, "num": args.num,
+                              "binding": result})
 
 
 if __name__ == "__main__":
