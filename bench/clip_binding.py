@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from latent_diffusion import TextToImagePipeline
 from latent_diffusion.data.shapes import SceneSpec, ShapesDataset
@@ -38,10 +37,8 @@ def main() -> None:
     items = [data[i] for i in range(args.num)]
     specs = [SceneSpec.from_dict(it["spec"]) for it in items]
     with torch.no_grad():
-        pixels = torch.stack([it["pixel_values"] for it in items])
-        images = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-                  for p in pixels]
-        image_embeds = torch.cat([pipe.encode_image(images[i:i + 128]).float() for i in range(0, len(images), 128)])
+        pixels = (torch.stack([it["pixel_values"] for it in items]) + 1) / 2  # (N, 3, H, W) in [0, 1]
+        image_embeds = torch.cat([pipe.encode_image(pixels[i:i + 128]).float() for i in range(0, len(pixels), 128)])
         result = clip_binding(lambda c: pipe.encode_prompt(c)[1], image_embeds, specs)
     print(f"{args.pipeline}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     if args.out:

@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> None:
         image_size = config.vision_config.image_size
         heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
 
-
         def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
             return tokenizer(captions, padding="max_length", truncation=True, max_length=sc.max_length,
                              return_tensors="pt").to(acc.device)
