@@ -21,8 +21,9 @@ composes with what the model already knows.
 
 `train` runs `accelerate launch [--accelerate-args] -m training.finetune --method lora --components decoder,prior`
 (rank 8, 2000 steps of batch 16 by default; `--method full` fine-tunes the whole decoder and prior instead; anything
-after `--` is passed to training.finetune, e.g. `-- --max-steps 500 --mixed-precision bf16`). The result lands in
-`OUT/lora` (or `OUT/full`, a complete pipeline), validation grids in `OUT/<method>/_work/finetune/`
+after `--` is passed to training.finetune, e.g. `-- --max-steps 500 --mixed-precision bf16`). A colour the VAE never
+saw (pink) also needs the VAE decoder trained: `--method full -- --components decoder,prior,vae_decoder`. The
+result lands in `OUT/lora` (or `OUT/full`, a complete pipeline), validation grids in `OUT/<method>/_work/finetune/`
 (`validation-0000000.png` is the base model).
 
 `evaluate` samples, with the base pipeline and with the LoRA loaded (same prompts and seeds), three single-object

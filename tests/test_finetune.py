@@ -195,6 +195,33 @@ def test_full_finetune_writes_a_complete_pipeline(tiny_pipeline_dir, imagefolder
     assert pipe(PROMPTS[:1], **SAMPLE).images.shape == (1, 3, 16, 16)
 
 
+def test_full_finetune_of_the_vae_decoder_learns_the_images_and_keeps_the_encoder(tiny_pipeline_dir, imagefolder,
+                                                                                   tmp_path):
+    """--components vae_decoder trains the VAE's decoder on reconstruction; its encoder (hence the latents the
+    diffusion decoder learned from) and every other component stay bit for bit."""
+    from latent_diffusion import TextToImagePipeline
+    from training.common import build_dataset
+    from training.config import DataConfig
+
+    run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--method", "full",
+                   "--components", "vae_decoder", "--max-steps", "6", "--optim.ema_decay", "0",
+                   "--output-dir", str(tmp_path), *FAST)
+    pipe, base = TextToImagePipeline.from_pretrained(tmp_path), TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    new, old = pipe.vae.state_dict(), base.vae.state_dict()
+    changed = {k.split(".")[0] for k in old if not torch.equal(new[k], old[k])}
+    assert changed == {"decoder"}, changed
+    for name in ("decoder", "prior", "text_encoder"):
+        a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    logged = [r["vae_l1"] for r in metrics(tmp_path) if "vae_l1" in r]
+    assert len(logged) == 6
+    data = build_dataset(DataConfig(source="image_text", train_data_dir=str(imagefolder), image_size=16), 0)
+    x = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
+    with torch.no_grad():
+        l1 = [(vae.decode(vae.encode(x).mode()) - x).abs().mean().item() for vae in (base.vae, pipe.vae)]
+    assert l1[1] < 0.9 * l1[0], l1  # the training images come back closer
+
+
 def test_a_lora_for_another_architecture_is_refused_by_layer(tiny_pipeline, tmp_path):
     from latent_diffusion.models import PRIOR_PRESETS, UNET_PRESETS, DiffusionPrior, UNet
 
@@ -225,6 +252,8 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
         run_in_process(*args)
     with pytest.raises(ValueError, match=r"--components decoder,vae: give distinct names from"):
         run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae")
+    with pytest.raises(ValueError, match=r"--components vae_decoder needs --method full \(got lora\)"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae_decoder")
     with pytest.raises(ValueError, match=r"unknown config key '--lora.rnak'"):
         run_in_process(*args, "--train-data-dir", str(folder), "--lora.rnak", "4")
 

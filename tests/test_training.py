@@ -419,7 +419,7 @@ def test_clip_hard_negatives_join_each_images_softmax():
     import numpy as np
     import torch.nn.functional as F
 
-    from latent_diffusion.data.shapes import SceneSpec, ShapesDataset, caption
+    from latent_diffusion.data.shapes import COLORS, SHAPES, SceneSpec, ShapesDataset, caption
     from training.train_clip import contrastive_loss, hard_negative
 
     torch.manual_seed(0)
@@ -433,12 +433,26 @@ def test_clip_hard_negatives_join_each_images_softmax():
     t2i = F.cross_entropy(scale.exp() * text @ image.t(), torch.arange(4))
     assert torch.allclose(contrastive_loss(text, image, scale, neg, torch.ones(4, dtype=torch.bool)),
                           0.5 * (i2t + t2i))
+    # The 2-way term: weight × cross-entropy of (own caption, its negative), over the images that have one.
+    has = torch.tensor([True, False, True, True])
+    pairs = torch.stack([per_image.diag(), own], 1)[has]
+    two_way = (torch.logsumexp(pairs, 1) - pairs[:, 0]).mean()
+    assert torch.allclose(contrastive_loss(text, image, scale, neg, has, pair_weight=0.5),
+                          contrastive_loss(text, image, scale, neg, has) + 0.5 * two_way)
     data = ShapesDataset(20, seed=0)
+    moves = 0
     for i in range(20):
         spec = SceneSpec.from_dict(data[i]["spec"])
         edited = hard_negative(spec, np.random.default_rng(i))
         assert edited is not None and edited != caption(spec)
         assert edited == hard_negative(spec, np.random.default_rng(i))
+        moved = hard_negative(spec, np.random.default_rng(i), kinds=("cell",))  # only a stated cell changes
+        if moved is not None:
+            moves += 1
+            what = [sorted(w for w in c.replace(",", "").split() if w in COLORS or w in SHAPES)
+                    for c in (moved, caption(spec))]
+            assert moved != caption(spec) and what[0] == what[1], (moved, caption(spec))
+    assert moves > 0
 
 
 def test_clip_stage_with_hard_negatives_reports_binding(tmp_path):
@@ -450,6 +464,10 @@ def test_clip_stage_with_hard_negatives_reports_binding(tmp_path):
             "true"]
     with pytest.raises(ValueError, match="clip.hard_negatives needs scene specs"):
         train_clip.main([*args, "--data.source", "emoji"])
+    with pytest.raises(ValueError, match=r"clip.hard_negative_kinds \['cell', 'place'\]: give distinct names"):
+        train_clip.main([*args, "--clip.hard_negative_kinds", "[cell, place]"])
+    with pytest.raises(ValueError, match=r"clip.hard_negative_weight=1.0: .*only with clip.hard_negatives true"):
+        train_clip.main([*args[:-2], "--clip.hard_negative_weight", "1.0"])
     AcceleratorState._reset_state(reset_partial_state=False)
     train_clip.main(args)
     AcceleratorState._reset_state(reset_partial_state=False)

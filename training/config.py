@@ -69,6 +69,8 @@ class ClipStageConfig:
     pretrained: str | None = None  # a folder holding a CLIPModel + tokenizer: skip training
     temperature_init: float = 0.07
     hard_negatives: bool = False  # shapes data: one caption per image with one attribute edited (NegCLIP)
+    hard_negative_kinds: tuple[str, ...] = ()  # edits to draw from (shapes.EDIT_KINDS); empty: all of them
+    hard_negative_weight: float = 0.0  # weight of a 2-way loss between each caption and its hard negative
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1, batch_size=128))
 
 
@@ -153,8 +155,9 @@ class LoraSettings:
 class FinetuneConfig:
     """`training.finetune`: fine-tune a trained pipeline on captioned images, with LoRA adapters or in full.
 
-    `components` are among decoder, prior and text_encoder (the text encoder stays frozen unless listed). The
-    losses follow the training stages: the decoder's (text/image dropout, min-SNR-γ, noise offset) and the prior's."""
+    `components` are among decoder, prior, text_encoder and (full only) vae_decoder; the text encoder and the VAE
+    stay frozen unless listed. The losses follow the training stages: the decoder's (text/image dropout, min-SNR-γ,
+    noise offset), the prior's, and the VAE's reconstruction L1."""
 
     seed: int = 0
     pipeline: str | None = None  # the base pipeline folder

@@ -1,6 +1,8 @@
 """Fine-tune a trained pipeline on your own captioned images: LoRA adapters (Hu et al. 2022) on the attention
 projections, or the full weights (with EMA), of the decoder and/or the prior — and of the CLIP text encoder only
-when it is listed in `--components` (otherwise it stays frozen).
+when it is listed in `--components` (otherwise it stays frozen). `--method full` can also train the VAE decoder
+(`vae_decoder`, reconstruction L1 from the frozen encoder's latents), for images whose colours or textures the
+VAE cannot yet draw.
 
     accelerate launch -m training.finetune --pipeline assets/shapes-64 --train-data-dir my-images \\
         --method lora --components decoder,prior --rank 8 --max-steps 1000 --output-dir runs/my-lora
@@ -54,6 +56,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {"optim": {"lr": 5e-5, "ema_decay": 0.999}},
 }
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The VAE decoder has no attention projections for LoRA: full fine-tuning only. Its encoder always stays frozen,
+# so the latents the diffusion decoder learns from do not move.
+COMPONENTS: tuple[str, ...] = (*LORA_COMPONENTS, "vae_decoder")
 
 
 class FinetuneModules(nn.Module):
@@ -89,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=sorted(METHOD_DEFAULTS), default=None,
                         help="lora: train adapters (default); full: train every weight of the components, with EMA")
     parser.add_argument("--components", default=None,
-                        help=f"comma-separated, from {','.join(LORA_COMPONENTS)} (default: decoder)")
+                        help=f"comma-separated, from {','.join(COMPONENTS)} (default: decoder; vae_decoder only "
+                             "with --method full)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha; updates scale by alpha/r (default: 8)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 1e-4 (lora), 5e-5 (full)")
@@ -161,9 +167,12 @@ def _check(cfg: FinetuneConfig) -> None:
     if not (Path(cfg.pipeline) / "model_index.json").is_file():
         raise FileNotFoundError(f"--pipeline {cfg.pipeline}: not a pipeline folder (no model_index.json)")
     components = cfg.components
-    bad = [c for c in components if c not in LORA_COMPONENTS]
+    bad = [c for c in components if c not in COMPONENTS]
     if bad or not components or len(set(components)) != len(components):
-        raise ValueError(f"--components {','.join(cfg.components)}: give distinct names from {list(LORA_COMPONENTS)}")
+        raise ValueError(f"--components {','.join(cfg.components)}: give distinct names from {list(COMPONENTS)}")
+    if "vae_decoder" in components and cfg.method != "full":
+        raise ValueError(f"--components vae_decoder needs --method full (got {cfg.method}): the VAE decoder is "
+                         "convolutional, with no attention projections for LoRA adapters")
     if "text_encoder" in components and not {"decoder", "prior"} & set(components):
         raise ValueError("--components text_encoder: the text encoder is trained through the decoder or prior "
                          "loss; add decoder and/or prior to --components")
@@ -190,17 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
     names = list(cfg.components)
-    missing = [c for c in names if getattr(pipe, c, None) is None]
+    missing = [c for c in names if c != "vae_decoder" and getattr(pipe, c, None) is None]
     if missing:
         raise ValueError(f"--components {','.join(names)}: the pipeline {cfg.pipeline} has no {missing}")
     train_decoder, train_prior = "decoder" in names, "prior" in names
-    train_text = "text_encoder" in names
+    train_text, train_vae = "text_encoder" in names, "vae_decoder" in names
     use_image = (train_decoder and pipe.decoder.config.uses_image_embeds) or train_prior
     if use_image and pipe.image_encoder is None:
         raise ValueError(f"{cfg.pipeline} has no image_encoder: fine-tuning an image-conditioned decoder or a "
                          "prior needs the CLIP image embeddings of the training images")
 
-    modules = {name: getattr(pipe, name) for name in names}
+    modules = {name: pipe.vae.decoder if name == "vae_decoder" else getattr(pipe, name) for name in names}
     if cfg.method == "lora":
         for module in modules.values():
             add_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.feed_forward)
@@ -245,11 +254,13 @@ def main(argv: list[str] | None = None) -> None:
 
     @torch.no_grad()
     def image_features(pixels: torch.Tensor, rnd: StepRandom) -> dict[str, torch.Tensor]:
-        """Frozen encoders: noisy VAE latents (B, C, h, w) for the decoder, CLIP image embeddings (B, D)."""
+        """Frozen encoders: a VAE posterior sample z (B, C, h, w) and the decoder's latents made from it, CLIP
+        image embeddings (B, D)."""
         f: dict[str, torch.Tensor] = {}
-        if train_decoder:
+        if train_decoder or train_vae:
             posterior = vae.encode(pixels)
-            f["latents"] = vae.to_latents(posterior.mean + posterior.std * rnd.randn(*posterior.mean.shape[1:]))
+            f["z"] = posterior.mean + posterior.std * rnd.randn(*posterior.mean.shape[1:])
+            f["latents"] = vae.to_latents(f["z"])
         if use_image:
             clip_pixels = clip_image_preprocess(((pixels + 1) / 2).clamp(0, 1), image_encoder.config.image_size,
                                                 pipe.config.image_mean, pipe.config.image_std)
@@ -287,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
             loss = diffusion_loss(lambda x, tt: m.prior(x, tt, states, pooled, mask), x0, prior_schedule,
                                   timesteps=t, noise=noise)
             total, logs["prior_loss"] = total + loss, loss.detach()
+        if train_vae:  # as training.train_vae, less the KL term (the encoder is frozen)
+            z = vae.post_quant_conv(f["z"]) if vae.post_quant_conv is not None else f["z"]
+            loss = (m.vae_decoder(z) - batch["pixel_values"].to(acc.device)).abs().mean()
+            total, logs["vae_l1"] = total + loss, loss.detach()
         return total, logs
 
     def loss_fn(wrapped: nn.Module, batch: Any, rnd: StepRandom, step: int) -> tuple[torch.Tensor, dict]:

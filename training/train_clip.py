@@ -10,6 +10,7 @@ Writes `tokenizer/`, `text_encoder/` (CLIPTextModelWithProjection) and `image_en
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,13 +39,17 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor,
-                     negatives: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
+                     negatives: torch.Tensor | None = None, has_negative: torch.Tensor | None = None,
+                     pair_weight: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (Radford et al. 2021, Fig. 3). text, image: (B, P), normalised.
 
     `negatives` (B, P): for each image, the embedding of a caption that is wrong in one attribute (NegCLIP,
     Yuksekgonul et al. 2023, §4); it joins that image's image→text softmax as one more candidate (rows where
     `has_negative` (B,) is False have none). In-batch negatives rarely differ from the positive in one word only,
-    so without these a CLIP can ignore position and shape and still match random batches by colour."""
+    so without these a CLIP can ignore position and shape and still match random batches by colour.
+    `pair_weight` adds that weight times a 2-way cross-entropy between each image's caption and its negative alone
+    (mean over the images that have one): in the (B + 1)-way softmax the one-word difference is a small share of
+    the loss early on, while the 2-way term is log 2 until the towers tell the captions apart."""
     scale = logit_scale.exp().clamp(max=100)
     logits = scale * text @ image.t()  # (B texts, B images)
     labels = torch.arange(len(text), device=text.device)
@@ -52,13 +57,18 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
     if negatives is not None:
         own = (scale * (image * negatives).sum(-1)).masked_fill(~has_negative, float("-inf"))  # (B,)
         per_image = torch.cat([per_image, own[:, None]], dim=1)  # (B, B + 1)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(per_image, labels))
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(per_image, labels))
+    if negatives is not None and pair_weight and bool(has_negative.any()):
+        pairs = torch.stack([logits.diagonal(), own], dim=1)[has_negative]  # (N, 2): own caption, its negative
+        loss = loss + pair_weight * F.cross_entropy(pairs, torch.zeros(len(pairs), dtype=torch.long,
+                                                                       device=pairs.device))
+    return loss
 
 
-def hard_negative(spec: SceneSpec, rng: np.random.Generator) -> str | None:
-    """The caption of `spec` after one edit of a stated attribute (colour, shape, size, position, relation or
-    count, tried in random order), or None when no edit exists."""
-    for kind in rng.permutation(EDIT_KINDS):
+def hard_negative(spec: SceneSpec, rng: np.random.Generator, kinds: Sequence[str] = EDIT_KINDS) -> str | None:
+    """The caption of `spec` after one edit of a stated attribute (by default colour, shape, size, position,
+    relation or count; `kinds` tried in random order), or None when no such edit exists."""
+    for kind in rng.permutation(list(kinds)):
         edited = edit_spec(spec, str(kind), rng)
         if edited is not None:
             return caption(edited)
@@ -74,6 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     sc = cfg.clip
     out = stage.output_dir
+    kinds = tuple(sc.hard_negative_kinds) or EDIT_KINDS
+    bad = [k for k in kinds if k not in EDIT_KINDS]
+    if bad or len(set(kinds)) != len(kinds):
+        raise ValueError(f"clip.hard_negative_kinds {list(sc.hard_negative_kinds)}: give distinct names from "
+                         f"{list(EDIT_KINDS)}")
+    if sc.hard_negative_weight < 0 or (sc.hard_negative_weight and not sc.hard_negatives):
+        raise ValueError(f"clip.hard_negative_weight={sc.hard_negative_weight}: expected >= 0, and > 0 only with "
+                         "clip.hard_negatives true")
     if sc.hard_negatives and (sc.pretrained or cfg.data.source != "shapes"):
         raise ValueError(f"clip.hard_negatives needs scene specs to edit (data.source shapes, no clip.pretrained), "
                          f"not data.source {cfg.data.source!r}, clip.pretrained {sc.pretrained!r}")
@@ -109,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             negatives = has_negative = None
             if sc.hard_negatives:  # one edited caption per image, drawn per global sample index
                 seeds = rnd.randint(2**31).tolist()
-                edited = [hard_negative(SceneSpec.from_dict(spec), np.random.default_rng(seed))
+                edited = [hard_negative(SceneSpec.from_dict(spec), np.random.default_rng(seed), kinds)
                           for spec, seed in zip(batch["spec"], seeds)]
                 has_negative = torch.tensor([float(e is not None) for e in edited], device=acc.device)
                 captions += [e or "" for e in edited]
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             if sc.hard_negatives:
                 negatives, has_negative = gather_with_grad(text_embeds[n:]), gather_with_grad(has_negative) > 0
             scale = acc.unwrap_model(model).logit_scale
-            loss = contrastive_loss(text, image, scale, negatives, has_negative)
+            loss = contrastive_loss(text, image, scale, negatives, has_negative, sc.hard_negative_weight)
             return loss, {"temperature": 1 / scale.exp().item()}
 
         def validate(model, step):
