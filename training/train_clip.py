@@ -58,10 +58,12 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
         own = (scale * (image * negatives).sum(-1)).masked_fill(~has_negative, float("-inf"))  # (B,)
         per_image = torch.cat([per_image, own[:, None]], dim=1)  # (B, B + 1)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(per_image, labels))
-    if negatives is not None and pair_weight and bool(has_negative.any()):
-        pairs = torch.stack([logits.diagonal(), own], dim=1)[has_negative]  # (N, 2): own caption, its negative
-        loss = loss + pair_weight * F.cross_entropy(pairs, torch.zeros(len(pairs), dtype=torch.long,
-                                                                       device=pairs.device))
+    if negatives is not None and pair_weight:
+        # (B, 2): own caption, its negative; a row without one has -inf there, so its term is exactly 0. A masked
+        # mean rather than indexing keeps the step free of device syncs.
+        pairs = torch.stack([logits.diagonal(), own], dim=1)
+        per_pair = torch.logsumexp(pairs, dim=1) - pairs[:, 0]
+        loss = loss + pair_weight * per_pair.sum() / has_negative.sum().clamp(min=1)
     return loss
 
 
