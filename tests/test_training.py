@@ -201,6 +201,39 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(MICRO, ["--vae.optim.batch_size", "many"])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"timestep_logit_normal=\[0.5, 0.0\] must be \[mean, std\]"):
+        load_config(MICRO, ["--decoder.timestep_logit_normal", "[0.5, 0.0]"])
+    with pytest.raises(ValueError, match="min_snr_gamma=5.0 gives the last timesteps .* no weight"):
+        load_config(MICRO, ["--decoder.schedule.rescale_zero_terminal_snr", "true", "--decoder.min_snr_gamma", "5"])
+
+
+def test_decoder_timesteps_can_favour_high_noise():
+    """`decoder.timestep_logit_normal` (m, s) draws t/T = sigmoid(N(m, s)) from the step's random stream: m > 0
+    moves the timesteps towards the noisy end, all within 0..T-1; None keeps them uniform."""
+    from latent_diffusion.diffusion import NoiseSchedule
+    from training.common import decoder_loss
+    from training.loop import StepRandom
+
+    schedule, seen = NoiseSchedule(), []
+
+    def decoder(x, t, states, image, pooled):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    def timesteps(logit_normal):
+        seen.clear()
+        rnd = StepRandom(0, step=0, micro=0, rank=0, world=1, batch=4096, device=torch.device("cpu"))
+        decoder_loss(decoder, torch.zeros(4096, 1, 1, 1), (torch.zeros(4096, 1, 2), torch.zeros(4096, 2)),
+                     (torch.zeros(1, 1, 2), torch.zeros(1, 2)), None, rnd, schedule, 0.1, 0.1,
+                     timestep_logit_normal=logit_normal)
+        return seen[0] / schedule.num_train_timesteps
+
+    uniform, high = timesteps(None), timesteps((1.0, 1.0))
+    assert abs(uniform.mean() - 0.5) < 0.02 and abs((uniform > 0.7).float().mean() - 0.3) < 0.03
+    assert 0 <= high.min() and high.max() <= 0.999
+    expected = torch.sigmoid(torch.tensor(1.0) + torch.randn(100_000, generator=torch.Generator().manual_seed(0)))
+    assert abs(high.mean() - expected.mean()) < 0.02 and high.mean() > 0.65
+    assert abs(high.median() - expected.median()) < 0.02
 
 
 def test_step_batches_split_the_global_batch_across_ranks():

@@ -99,11 +99,14 @@ def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, c
 def decoder_loss(decoder: Callable[..., torch.Tensor], latents: torch.Tensor,
                  text: tuple[torch.Tensor, torch.Tensor], empty: tuple[torch.Tensor, torch.Tensor],
                  image: torch.Tensor | None, rnd: Any, schedule: NoiseSchedule, text_dropout: float,
-                 image_dropout: float, noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
+                 image_dropout: float, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                 timestep_logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
     """The decoder's denoising loss on one micro-batch (Rombach et al. 2022, Eq. 2), shared by train_decoder and
     finetune. latents (B, C, h, w); text = (token states (B, T, D), pooled (B, D)) and `empty` the same for "" (1, ...);
     image: CLIP image embeddings (B, E) or None. Text and image conditioning are dropped independently (empty
     caption / zero embedding) so both can be guided; the noise may get a per-channel offset (Guttenberg 2023).
+    Timesteps are uniform, or with `timestep_logit_normal` = (m, s) drawn as t/T = sigmoid(N(m, s)) (the
+    logit-normal sampling of Esser et al. 2024, §3.1; m > 0 favours high noise, where the layout is decided).
     Every draw comes from `rnd` (a StepRandom), in a fixed order."""
     B = latents.shape[0]
     drop_text, drop_image = rnd.rand() < text_dropout, rnd.rand() < image_dropout
@@ -111,7 +114,12 @@ def decoder_loss(decoder: Callable[..., torch.Tensor], latents: torch.Tensor,
     pooled = torch.where(drop_text[:, None], empty[1].expand(B, -1), text[1])
     if image is not None:
         image = torch.where(drop_image[:, None], torch.zeros_like(image), image)
-    t = rnd.randint(schedule.num_train_timesteps)
+    T = schedule.num_train_timesteps
+    if timestep_logit_normal is None:
+        t = rnd.randint(T)
+    else:
+        m, s = timestep_logit_normal
+        t = (torch.sigmoid(m + s * rnd.randn()) * T).long().clamp(max=T - 1)
     noise = rnd.randn(*latents.shape[1:])
     if noise_offset:
         noise = noise + noise_offset * rnd.randn(latents.shape[1], 1, 1)

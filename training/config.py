@@ -126,8 +126,20 @@ class DecoderStageConfig:
     image_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
+    timestep_logit_normal: tuple[float, float] | None = None  # (m, s): t/T = sigmoid(N(m, s)); None: uniform
     cache: bool = False  # precompute latents and CLIP embeddings once
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, ema_decay=0.999))
+
+    def __post_init__(self) -> None:
+        tln = self.timestep_logit_normal
+        if tln is not None and (len(tln) != 2 or not tln[1] > 0):
+            raise ValueError(f"decoder.timestep_logit_normal={list(tln)} must be [mean, std] with std > 0")
+        if self.schedule.rescale_zero_terminal_snr and self.min_snr_gamma is not None:
+            # min-SNR-γ weighs the x0 error by min(SNR, γ): 0 at the zero-SNR end, where only the caption can say
+            # where things go, so the decoder never learns layout from text there.
+            raise ValueError(f"decoder.min_snr_gamma={self.min_snr_gamma} gives the last timesteps of a "
+                             "zero-terminal-SNR schedule no weight; set decoder.min_snr_gamma null with "
+                             "decoder.schedule.rescale_zero_terminal_snr true")
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         latents = vae.to_latents(f["mean"] + f["std"] * rnd.randn(*f["mean"].shape[1:]))
         loss = decoder_loss(model, latents, (f["text_states"], f["text_embeds"]),
                             (empty["text_states"], empty["text_embeds"]), f["image_embeds"] if use_image else None,
-                            rnd, schedule, dc.text_dropout, dc.image_dropout, dc.noise_offset, dc.min_snr_gamma)
+                            rnd, schedule, dc.text_dropout, dc.image_dropout, dc.noise_offset, dc.min_snr_gamma,
+                            dc.timestep_logit_normal)
         return loss, {}
 
     prior = DiffusionPrior.from_pretrained(out / "prior", device=acc.device) if use_image else None
