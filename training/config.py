@@ -169,7 +169,8 @@ class FinetuneConfig:
 
     `components` are among decoder, prior, text_encoder and (full only) vae_decoder; the text encoder and the VAE
     stay frozen unless listed. The losses follow the training stages: the decoder's (text/image dropout, min-SNR-γ,
-    noise offset), the prior's, and the VAE's reconstruction L1."""
+    noise offset), the prior's, and the VAE's reconstruction L1. min-SNR-γ is not applied to a decoder with a
+    zero-terminal-SNR schedule (it would give the last timesteps, where the layout is decided, no weight)."""
 
     seed: int = 0
     pipeline: str | None = None  # the base pipeline folder

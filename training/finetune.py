@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer, vae, image_encoder = pipe.tokenizer, pipe.vae, pipe.image_encoder
     decoder_schedule = NoiseSchedule(pipe.config.decoder_schedule)
+    min_snr_gamma = cfg.min_snr_gamma
+    if pipe.config.decoder_schedule.rescale_zero_terminal_snr and min_snr_gamma is not None and train_decoder:
+        stage.print("finetune: the decoder has a zero-terminal-SNR schedule; min-SNR-γ is off (it would give the "
+                    "last timesteps no weight)")
+        min_snr_gamma = None
     prior_schedule = NoiseSchedule(pipe.config.prior_schedule)
 
     def text_features(m: nn.Module, captions: list[str], for_prior: bool = False
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         if train_decoder:  # as training.train_decoder
             image = f["decoder_image"] if pipe.decoder.config.uses_image_embeds else None
             loss = decoder_loss(m.decoder, f["latents"], text[:2], empty[:2], image, rnd, decoder_schedule,
-                                cfg.text_dropout, cfg.image_dropout, cfg.noise_offset, cfg.min_snr_gamma)
+                                cfg.text_dropout, cfg.image_dropout, cfg.noise_offset, min_snr_gamma)
             total, logs["decoder_loss"] = total + loss, loss.detach()
         if train_prior:  # as training.train_prior
             if pipe.prior_text_encoder is not None or \
