@@ -91,12 +91,19 @@ def copy_clip(source: Path, dest: Path) -> None:
         shutil.copytree(source / part, dest / part)
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str, lr: float = 1e-3,
+                        steps: int = 2) -> None:
+    """Weights of two runs that differ only in float summation order (another process count, sharding).
+
+    Adam's first steps move each element by about lr whatever the size of its gradient, so an element whose gradient
+    is float noise (zero in exact arithmetic, e.g. attention key biases, or merely tiny) can step the other way in the
+    other run: a few elements may differ by up to 2 lr per step; all the others must agree to float precision."""
     assert a.keys() == b.keys()
-    # Adam turns float noise in gradients that are zero in exact arithmetic (e.g. attention key biases)
-    # into lr-sized steps, hence an absolute tolerance well below one step (lr = 1e-3).
-    worst = max(((a[k] - b[k]).abs().max() - 1e-3 * a[k].abs().max()).item() for k in a)
-    assert worst < 1e-4, f"{what}: weights differ by {worst:.2e}"
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    scale = torch.cat([torch.full((a[k].numel(),), a[k].abs().max().item()) for k in a])
+    off = diff > 1e-5 + 1e-4 * scale
+    assert diff.max() <= 2 * lr * steps, f"{what}: weights differ by {diff.max():.2e}, more than Adam's steps allow"
+    assert off.float().mean() < 0.01, f"{what}: {off.float().mean():.2%} of the weights differ (max {diff.max():.2e})"
 
 
 def test_fsdp_matches_data_parallel_and_resumes_exactly(one_process_run, tmp_path):
