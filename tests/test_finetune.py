@@ -195,18 +195,20 @@ def test_full_finetune_writes_a_complete_pipeline(tiny_pipeline_dir, imagefolder
     assert pipe(PROMPTS[:1], **SAMPLE).images.shape == (1, 3, 16, 16)
 
 
-def test_zero_terminal_snr_decoder_fine_tunes_without_min_snr(tiny_pipeline_dir, imagefolder, tmp_path, capsys):
-    """min-SNR-γ gives the last timesteps of a zero-terminal-SNR schedule no weight; fine-tuning such a decoder
-    (like the shipped one) turns it off and says so, and the loss stays finite."""
+def test_decoder_like_the_shipped_one_fine_tunes_with_the_prior(tiny_pipeline_dir, imagefolder, tmp_path, capsys):
+    """A decoder like the shipped one — zero-terminal-SNR v-prediction, reading CLIP's token embeddings too —
+    fine-tunes with the prior: min-SNR-γ (which would give the last timesteps no weight) is turned off with a
+    message, the prior still gets its own text states (not the decoder's longer ones), and the loss stays finite."""
     import shutil
 
     base = tmp_path / "zero-snr"
     shutil.copytree(tiny_pipeline_dir, base)
     index = json.loads((base / "model_index.json").read_text())
     index["config"]["decoder_schedule"].update(rescale_zero_terminal_snr=True, prediction_type="v_prediction")
+    index["config"]["decoder_token_embeddings"] = True
     (base / "model_index.json").write_text(json.dumps(index))
     run_in_process("--pipeline", str(base), "--train-data-dir", str(imagefolder), "--method", "full",
-                   "--max-steps", "2", "--output-dir", str(tmp_path / "out"), *FAST)
+                   "--components", "decoder,prior", "--max-steps", "2", "--output-dir", str(tmp_path / "out"), *FAST)
     assert "zero-terminal-SNR schedule; min-SNR-γ is off" in capsys.readouterr().out
     losses = [m["loss"] for m in metrics(tmp_path / "out") if "loss" in m]
     assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)

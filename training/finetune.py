@@ -290,8 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                                 cfg.text_dropout, cfg.image_dropout, cfg.noise_offset, min_snr_gamma)
             total, logs["decoder_loss"] = total + loss, loss.detach()
         if train_prior:  # as training.train_prior
-            if pipe.prior_text_encoder is not None or \
-                    pipe.config.prior_text_attention_mask != pipe.config.text_attention_mask:
+            if not pipe._prior_reads_decoder_text:  # own text encoder, another mask, or decoder token embeddings
                 text, empty = text_features(m, list(batch["caption"]), for_prior=True)
             drop = rnd.rand() < cfg.text_dropout
             states = torch.where(drop[:, None, None], empty[0].expand(B, -1, -1), text[0])
