@@ -40,14 +40,14 @@ from latent_diffusion.data.shapes import COLORS, SHAPES, SceneSpec, ShapeObject,
 from latent_diffusion.diffusion import NoiseSchedule, ScheduleConfig
 from latent_diffusion.diffusion.schedule import min_snr_weight, prediction_target, prediction_to_x0
 from latent_diffusion.models import AutoencoderKL, UNet, UNetConfig
-from latent_diffusion.models.clip import clip_image_preprocess, encode_image, encode_text
 from latent_diffusion.pipeline import PipelineConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_info, markdown_table, write_json  # noqa: E402
 
-from training.common import load_clip  # noqa: E402
+from training.common import encode_batch, load_clip  # noqa: E402
+from training.config import load_config  # noqa: E402
 
 ZERO_SNR_V = ScheduleConfig(rescale_zero_terminal_snr=True, prediction_type="v_prediction")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -87,7 +87,8 @@ class Probe:
 
         self.cells = torch.tensor([c for _ in PROBE_OBJECTS for c in range(9)])
         prompts = [f"a {col} {shape} {CELLS[c]}" for col, shape in PROBE_OBJECTS for c in range(9)]
-        self.states, self.pooled = encode(prompts)
+        features = encode(prompts)
+        self.states, self.pooled = features["text_states"], features["text_embeds"]
         self.noise = torch.randn(len(prompts), *latent_shape, generator=torch.Generator().manual_seed(7))
         self.vae = vae
 
@@ -110,12 +111,14 @@ class Probe:
 
 
 def small_unet(context_dim: int, image_dim: int | None, tiny: bool) -> UNet:
-    """The shipped decoder's sizes (configs/shapes/base.yaml), without the pooled-text input."""
-    return UNet(UNetConfig(in_channels=4, out_channels=4, channels=(32, 32) if tiny else (64, 128, 128),
-                           attention_levels=(False, True) if tiny else (False, True, True), layers_per_block=1,
-                           heads=(4, 4) if tiny else (4, 4, 4), transformer_depth=(1, 1) if tiny else (1, 1, 1),
-                           context_dim=context_dim, image_embed_dim=image_dim,
-                           image_context_tokens=4 if image_dim else 0))
+    """The shipped decoder's sizes (configs/shapes/base.yaml; tests/configs/micro.yaml with `tiny`), without the
+    pooled-text input."""
+    root = Path(__file__).resolve().parent.parent
+    dc = load_config(root / ("tests/configs/micro.yaml" if tiny else "configs/shapes/base.yaml")).decoder
+    return UNet(UNetConfig(in_channels=4, out_channels=4, channels=dc.channels, attention_levels=dc.attention_levels,
+                           layers_per_block=dc.layers_per_block, heads=dc.heads, transformer_depth=dc.transformer_depth,
+                           context_dim=context_dim, norm_groups=dc.norm_groups, image_embed_dim=image_dim,
+                           image_context_tokens=dc.image_context_tokens if image_dim else 0))
 
 
 def train_variant(name: str, v: dict[str, Any], data: dict[str, torch.Tensor], probe: Probe, steps: int,
@@ -176,7 +179,6 @@ def main() -> None:
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         parser.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
-    torch.set_grad_enabled(True)
     pipeline = Path(args.probe or args.pipeline)
     tokenizer, text_encoder, image_encoder = load_clip(pipeline, torch.device("cpu"))
     for m in (text_encoder, image_encoder):
@@ -185,11 +187,13 @@ def main() -> None:
     if args.tiny:
         args.steps, args.eval_every, args.num_scenes = 4, 2, 64
 
-    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states with token embeddings appended (B, 2L, D), pooled (B, P))."""
-        with torch.no_grad():
-            states, pooled, _ = encode_text(tokenizer, text_encoder, prompts, token_embeddings=True)
-        return states, pooled
+    pc = PipelineConfig()
+
+    def encode(prompts: list[str], images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """CLIP features as the decoder stage computes them: text_states with the token embeddings appended
+        (B, 2L, D), text_embeds (B, P) and, given images (B, 3, H, W) in [-1, 1], image_embeds (B, P)."""
+        return encode_batch(tokenizer, text_encoder, image_encoder, prompts, images, pc.image_mean, pc.image_std,
+                            token_embeddings=True)
 
     latent_shape = (vae.config.latent_channels, 16, 16)
     probe = Probe(encode, vae, latent_shape)
@@ -208,15 +212,12 @@ def main() -> None:
         specs, images = single_object_scenes(args.num_scenes, rng)
         captions = [caption(s) for s in specs]
         with torch.no_grad():
-            parts = [encode(captions[i:i + 256]) for i in range(0, len(captions), 256)]
-            tokens = torch.cat([p[0] for p in parts])
+            parts = [encode(captions[i:i + 256], images[i:i + 256]) for i in range(0, len(captions), 256)]
+            tokens = torch.cat([p["text_states"] for p in parts])
+            image = torch.cat([p["image_embeds"] for p in parts])
             latents = torch.cat([vae.to_latents(vae.encode(images[i:i + 256]).mean)
                                  for i in range(0, len(images), 256)])
-            pc = PipelineConfig()
-            image = torch.cat([encode_image(image_encoder, clip_image_preprocess(
-                (images[i:i + 256] + 1) / 2, image_encoder.config.image_size, pc.image_mean, pc.image_std))
-                for i in range(0, len(images), 256)])
-            empty = encode([""])[0]
+            empty = encode([""])["text_states"]
         half = tokens.shape[1] // 2
         data = {"tokens": tokens, "states": tokens[:, :half], "latents": latents, "image": image,
                 "empty_tokens": empty, "empty_states": empty[:, :half]}
