@@ -184,6 +184,32 @@ def test_position_embedding_starts_as_a_no_op_and_then_changes_the_output():
                    norm_groups=2, position_embedding=True)
 
 
+def test_text_refiner_starts_as_a_no_op_and_then_mixes_the_tokens():
+    """Zero-initialised refiner outputs: a UNet gaining a text refiner computes what it did (warm start); trained,
+    each refined token depends on the other tokens (what binds a colour word to its shape word)."""
+    torch.manual_seed(0)
+    base = UNet(UNET_PRESETS["tiny"]).eval()
+    randomize(base, 7)
+    refined = UNet(dataclasses.replace(UNET_PRESETS["tiny"], text_refiner_layers=2, text_refiner_heads=2)).eval()
+    missing = refined.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("text_refiner.") for k in missing)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(base(x, 10, ctx), refined(x, 10, ctx))
+        for name, p in refined.text_refiner.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.normal_(std=0.3)
+        assert not torch.allclose(base(x, 10, ctx), refined(x, 10, ctx), atol=1e-3)
+        other = ctx.clone()
+        other[:, 3] = torch.randn(2, 32)  # change one token: the others' refined states move too
+        a, b = refined.text_refiner(ctx), refined.text_refiner(other)
+        assert (a[:, :3] - b[:, :3]).abs().amax() > 1e-2
+    with pytest.raises(ValueError, match="text_refiner_layers=-1"):
+        dataclasses.replace(UNET_PRESETS["tiny"], text_refiner_layers=-1)
+    with pytest.raises(ValueError, match="text_refiner_heads=3"):
+        dataclasses.replace(UNET_PRESETS["tiny"], text_refiner_layers=1, text_refiner_heads=3)
+
+
 def test_sincos_2d_codes_rows_and_columns():
     code = sincos_2d(3, 5, 8)  # (H·W, dim), row-major
     assert code.shape == (15, 8)

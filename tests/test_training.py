@@ -425,9 +425,9 @@ def test_decoder_feature_cache_is_kept_and_reused_on_resume(one_process_run, tmp
 
 
 def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
-    """`decoder.init_from` loads a finished decoder (here into a model that adds position embeddings, which start
-    at zero, and reads CLIP's token embeddings too); with lr 0 the exported decoder is the source plus those zeros.
-    Another architecture is refused."""
+    """`decoder.init_from` loads a finished decoder (here into a model that adds position embeddings and a text
+    refiner, whose output projections start at zero, and reads CLIP's token embeddings too); with lr 0 the
+    exported decoder is the source plus those additions. Another architecture is refused."""
     import shutil
 
     from accelerate.state import AcceleratorState
@@ -437,7 +437,8 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     shutil.copytree(one_process_run, tmp_path / "warm", ignore=shutil.ignore_patterns("decoder"))
     source = str(one_process_run / "decoder")
     args = ["--config", MICRO, "--output-dir", str(tmp_path / "warm"), "--max-steps", "1",
-            "--decoder.init_from", source, "--decoder.position_embedding", "true", "--decoder.token_embeddings", "true"]
+            "--decoder.init_from", source, "--decoder.position_embedding", "true", "--decoder.token_embeddings", "true",
+            "--decoder.text_refiner_layers", "1"]
     with pytest.raises(ValueError, match=r"another architecture: channels \(16, 32\) vs \(16, 64\)"):
         train_decoder.main([*args, "--decoder.channels", "[16, 64]"])
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -445,11 +446,13 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=False)
     before, after = weights(one_process_run, "decoder"), weights(tmp_path / "warm", "decoder")
     added = sorted(set(after) - set(before))
-    assert added and all(".pos_proj." in k for k in added) and set(before) <= set(after)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not after[k].any() for k in added)
+    pos = [k for k in added if ".pos_proj." in k]
+    outs = [k for k in added if k.endswith(("attn.to_out.weight", "ff.proj_out.weight"))]
+    assert pos and len(outs) == 2 and all(".pos_proj." in k or k.startswith("text_refiner.") for k in added)
+    assert set(before) <= set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not after[k].any() for k in pos + outs)
     config = json.loads((tmp_path / "warm" / "decoder" / "config.json").read_text())
-    assert config["position_embedding"] is True
+    assert config["position_embedding"] is True and config["text_refiner_layers"] == 1
     index = json.loads((tmp_path / "warm" / "model_index.json").read_text())
     assert index["config"]["decoder_token_embeddings"] is True
 

@@ -120,6 +120,7 @@ class DecoderStageConfig:
     use_pooled_text: bool = True
     position_embedding: bool = False  # 2-D position code in every attention (UNetConfig.position_embedding)
     token_embeddings: bool = False  # also attend to CLIP's input token embeddings (PipelineConfig)
+    text_refiner_layers: int = 0  # self-attention blocks over the text tokens (UNetConfig.text_refiner_layers)
     init_from: str | None = None  # a decoder folder to start from (warm start; fresh optimizer and schedule)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     text_dropout: float = 0.1

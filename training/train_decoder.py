@@ -58,20 +58,23 @@ def features_key(cfg: ExperimentConfig, out: Path) -> str:
 
 def warm_start(unet: UNet, folder: Path) -> None:
     """Load another decoder's weights into `unet` (`decoder.init_from`). The architectures must match, except
-    that `unet` may add position embeddings, which start at zero (the loaded model's function is unchanged)."""
+    that `unet` may add position embeddings or a text refiner, which start at zero (the loaded model's function
+    is unchanged)."""
     if not (folder / "config.json").is_file():
         raise ValueError(f"decoder.init_from={str(folder)!r} is not a decoder folder (no config.json); expected "
                          "e.g. OUTPUT_DIR/decoder of a finished run")
     source = UNet.from_pretrained(folder)
     mine, theirs = config_to_dict(unet.config), config_to_dict(source.config)
+    addable = {"position_embedding": False, "text_refiner_layers": 0}  # may be added (from these), not changed
     differ = sorted(k for k in mine if mine[k] != theirs.get(k)
-                    and not (k == "position_embedding" and mine[k]))  # embeddings may be added, not dropped
+                    and not (k in addable and theirs.get(k, addable[k]) == addable[k]))
     if differ:
         raise ValueError(f"decoder.init_from={str(folder)!r} has another architecture: "
                          + ", ".join(f"{k} {theirs.get(k)} vs {mine[k]}" for k in differ))
     state, own = source.state_dict(), unet.state_dict()
     added = sorted(set(own) - set(state))
-    assert all(".pos_proj." in k for k in added) and not set(state) - set(own), added
+    assert all(".pos_proj." in k or k.startswith("text_refiner.") for k in added), added
+    assert not set(state) - set(own), sorted(set(state) - set(own))
     unet.load_state_dict(state, strict=False)
 
 
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         transformer_depth=dc.transformer_depth, context_dim=tc.hidden_size, norm_groups=dc.norm_groups,
         image_embed_dim=image_encoder.config.projection_dim if use_image else None,
         image_context_tokens=dc.image_context_tokens if use_image else 0,
-        pooled_text_dim=tc.projection_dim if dc.use_pooled_text else None, position_embedding=dc.position_embedding))
+        pooled_text_dim=tc.projection_dim if dc.use_pooled_text else None, position_embedding=dc.position_embedding,
+        text_refiner_layers=dc.text_refiner_layers))
     if dc.init_from:
         warm_start(unet, Path(dc.init_from))
         stage.print(f"decoder: starting from the weights in {dc.init_from}")

@@ -12,6 +12,11 @@ Conditioning:
   `image_context_proj` into N extra context tokens appended to the text tokens (GLIDE/unCLIP);
 - pooled text embedding (B, P), when configured: `text_time_proj` added to `temb`.
 
+`text_refiner_layers` (off in the Stable Diffusion family) runs a few self-attention blocks over the text tokens
+before any cross-attention, trained with the decoder: a frozen text encoder's tokens may not say which colour
+goes with which shape (its input token embeddings carry no context at all), and self-attention among the tokens
+can bind them (cf. the trainable text transformer of GLIDE, Nichol et al. 2022, §2.1).
+
 `position_embedding` (off in the Stable Diffusion family) gives every SpatialTransformer the absolute position
 of its tokens: convolutions with zero padding only hint at it, and prompts that say where ("on the left") need
 it in the attention queries.
@@ -72,6 +77,8 @@ class UNetConfig:
     image_context_tokens: int = 0  # (b) number of extra context tokens projected from the image embedding
     pooled_text_dim: int | None = None  # P of `text_embeds` added to the time embedding; None: off
     position_embedding: bool = False  # add a projected 2-D sin-cos position code to every attention's tokens
+    text_refiner_layers: int = 0  # self-attention blocks over the text tokens before the UNet reads them
+    text_refiner_heads: int = 4
 
     def __post_init__(self) -> None:
         n = len(self.channels)
@@ -89,6 +96,11 @@ class UNetConfig:
                if (a or i == n - 1) and c % 4]  # the mid block always has attention
         if self.position_embedding and bad:
             raise ValueError(f"position_embedding needs attention channels divisible by 4, got {bad}")
+        if self.text_refiner_layers < 0:
+            raise ValueError(f"text_refiner_layers={self.text_refiner_layers} must be >= 0")
+        if self.text_refiner_layers and self.context_dim % self.text_refiner_heads:
+            raise ValueError(f"context_dim={self.context_dim} is not divisible by "
+                             f"text_refiner_heads={self.text_refiner_heads}")
         if self.image_context_tokens and not self.image_embed_dim:
             raise ValueError("image_context_tokens > 0 needs image_embed_dim")
 
@@ -128,6 +140,29 @@ class TransformerBlock(nn.Module):
         x = self.attn1(self.norm1(x)).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
+
+
+class TextRefiner(nn.Module):
+    """Pre-norm self-attention + GEGLU blocks over the text tokens. (B, L, dim) -> (B, L, dim).
+
+    Each block's output projections start at zero: a decoder gaining a refiner computes exactly what it did
+    before (a warm start), and learns how much to change the tokens."""
+
+    def __init__(self, dim: int, heads: int, layers: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads),
+            "norm2": nn.LayerNorm(dim), "ff": FeedForward(dim, gated=True)}) for _ in range(layers))
+        for block in self.blocks:
+            for out in (block["attn"].to_out, block["ff"].proj_out):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block["attn"](block["norm1"](x))
+            x = x + block["ff"](block["norm2"](x))
+        return x
 
 
 class SpatialTransformer(nn.Module):
@@ -219,6 +254,8 @@ class UNet(nn.Module):
         else:
             self.image_context_proj = self.image_context_norm = None
         self.text_time_proj = nn.Linear(c.pooled_text_dim, temb) if c.pooled_text_dim else None
+        self.text_refiner = TextRefiner(c.context_dim, c.text_refiner_heads, c.text_refiner_layers) \
+            if c.text_refiner_layers else None
 
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, temb, c.norm_groups, c.norm_eps, c.dropout)
@@ -275,7 +312,7 @@ class UNet(nn.Module):
         t = t.expand(batch) if t.ndim == 0 else t
         temb = self.time_embed(timestep_embedding(t, c.channels[0], cos_first=c.flip_sin_to_cos,
                                                   freq_shift=c.freq_shift).to(dtype))
-        context = text_states
+        context = text_states if self.text_refiner is None else self.text_refiner(text_states)
         if c.uses_image_embeds:
             if image_embeds is None:
                 image_embeds = torch.zeros(batch, c.image_embed_dim, device=temb.device, dtype=dtype)
