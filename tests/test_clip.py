@@ -237,6 +237,29 @@ def test_encode_text_shapes_mask_and_truncation(tokenizer_dir):
         encode_text(tok, model, short)
 
 
+def test_encode_text_can_read_an_earlier_layer(tokenizer_dir):
+    """`layer=k`: the states after the k-th encoder layer, layer-normalised without parameters (the pooled
+    embedding is still the last layer's); with the token embeddings appended after them; bad k is named."""
+    import torch.nn.functional as F
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=12)
+    torch.manual_seed(0)
+    model = CLIPTextModelWithProjection(clip_text_config("tiny", tok)).eval()
+    prompts = ["a red circle above a blue square"]
+    with torch.no_grad():
+        last, pooled, _ = encode_text(tok, model, prompts)
+        first, pooled_1, mask = encode_text(tok, model, prompts, layer=1, token_embeddings=True)
+        ids = tok(prompts, padding="max_length", max_length=12, return_tensors="pt")
+        hidden = model(**ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(first[:, :12], F.layer_norm(hidden[1], (32,)))
+    torch.testing.assert_close(first[:, 12:], F.layer_norm(hidden[0], (32,)))
+    torch.testing.assert_close(pooled_1, pooled)
+    assert mask.shape == (1, 24) and (first[:, :12] - last).abs().max() > 0.1
+    layers = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"layer={layers + 1}: the text encoder has layers 1..{layers}"):
+        encode_text(tok, model, prompts, layer=layers + 1)
+
+
 def test_clip_image_preprocess():
     images = torch.rand(2, 3, 48, 64)
     out = clip_image_preprocess(images, 32)

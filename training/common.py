@@ -73,16 +73,18 @@ _TRUNCATION_REPORTED: list[bool] = []
 @torch.no_grad()
 def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, captions: list[str],
                  pixel_values: torch.Tensor | None, image_mean: tuple[float, ...],
-                 image_std: tuple[float, ...], token_embeddings: bool = False) -> dict[str, torch.Tensor]:
+                 image_std: tuple[float, ...], token_embeddings: bool = False,
+                 layer: int | None = None) -> dict[str, torch.Tensor]:
     """Frozen CLIP features of a batch: token states (B, L, D), pooled (B, P), mask (B, L), image embeds (B, P).
-    `token_embeddings`: the decoder's states with the input embeddings appended, (B, 2L, D) (`encode_text`)."""
+    `token_embeddings`: the decoder's states with the input embeddings appended, (B, 2L, D); `layer`: the states
+    after that encoder layer instead of the last (`encode_text`)."""
     from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 
     device = next(text_encoder.parameters()).device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         states, pooled, mask = encode_text(tokenizer, text_encoder, list(captions), device=device,
-                                           token_embeddings=token_embeddings)
+                                           token_embeddings=token_embeddings, layer=layer)
     if caught and not _TRUNCATION_REPORTED:
         _TRUNCATION_REPORTED.append(True)
         warnings.warn(f"{caught[0].message} (reported once; raise clip.max_length to keep whole captions)",

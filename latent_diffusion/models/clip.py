@@ -326,7 +326,8 @@ def _short(text: str, limit: int = 60) -> str:
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompts: list[str],
                 device: torch.device | str | None = None, use_attention_mask: bool = True,
-                token_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                token_embeddings: bool = False, layer: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize `prompts` and run the CLIP text encoder.
 
     Pads to `tokenizer.model_max_length` (L) and truncates there, warning once per truncated
@@ -340,6 +341,11 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
     parameters) to the states as L more tokens. A contrastively trained CLIP keeps in its output states only
     what telling captions apart in a batch needed — small CLIPs keep colour and shape but barely separate
     "left" from "right" (cosine 0.998 at that token) — while its input embeddings keep every word distinct.
+
+    `layer` k takes the states after the encoder's k-th layer (layer-normalised without parameters) instead of
+    the last layer's: a contrastive loss trains only the pooled (EOS) output, so the last layer's other states
+    are never asked to carry anything, while earlier layers feed that EOS state (cf. Stable Diffusion 2's
+    penultimate-layer text states).
 
     Returns:
         token_states: (B, L, D) `last_hidden_state`; (B, 2L, D) with `token_embeddings`.
@@ -362,11 +368,15 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
     input_ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device).bool()
     out = text_encoder(input_ids=input_ids, attention_mask=mask.long() if use_attention_mask else None,
-                       output_hidden_states=token_embeddings)
+                       output_hidden_states=token_embeddings or layer is not None)
     pooled = getattr(out, "text_embeds", None)
     if pooled is None:
         pooled = out.pooler_output
     states = out.last_hidden_state
+    if layer is not None:
+        if not 1 <= layer < len(out.hidden_states):
+            raise ValueError(f"layer={layer}: the text encoder has layers 1..{len(out.hidden_states) - 1}")
+        states = F.layer_norm(out.hidden_states[layer], states.shape[-1:])
     if token_embeddings:
         embedded = F.layer_norm(out.hidden_states[0], states.shape[-1:])  # (B, L, D)
         states, mask = torch.cat([states, embedded], dim=1), torch.cat([mask, mask], dim=1)  # (B, 2L, D)
