@@ -24,6 +24,9 @@ on the stated side of the object's colour (colour-weighted centroids; 32 prompts
     tokens-refiner  `tokens` with a 2-block text refiner (`decoder.text_refiner_layers`)
     layer1          the states after CLIP's first layer (instead of its last) + the token embeddings
 
+`--task pair` is the control for that probe: the same two-object scenes captioned with both cells instead ("a red
+circle on the left and a blue square on the right"), probed with opposite cells; same variants.
+
     python bench/position_learning.py --pipeline assets/shapes-64 --out bench/results/position_learning.json
     python bench/position_learning.py --probe assets/shapes-64      # probe a pipeline's decoder (no training)
     python bench/position_learning.py --task relation --steps 600 --eval-every 200 \
@@ -85,7 +88,10 @@ RELATION_VARIANTS: dict[str, dict[str, Any]] = {
     "tokens-refiner": dict(context="tokens", schedule=ZERO_SNR_V, t_min=700, refiner=2),
     "layer1": dict(context="layer1", schedule=ZERO_SNR_V, t_min=700),
 }
-TASKS = {"position": POSITION_VARIANTS, "relation": RELATION_VARIANTS}
+TASKS = {"position": POSITION_VARIANTS, "relation": RELATION_VARIANTS, "pair": RELATION_VARIANTS}
+# pair-task probes: (subject cell, object cell) phrases and the relation they imply
+OPPOSITE_CELLS = (("on the left", "on the right", "to the left of"), ("on the right", "on the left", "to the right of"),
+                  ("at the top", "at the bottom", "above"), ("at the bottom", "at the top", "below"))
 PROBE_OBJECTS = (("red", "circle"), ("blue", "square"), ("green", "star"), ("black", "cross"))
 PROBE_PAIRS = (("red", "circle", "blue", "square"), ("green", "star", "yellow", "triangle"),
                ("purple", "diamond", "orange", "cross"), ("black", "square", "cyan", "circle"))
@@ -98,9 +104,10 @@ def single_object_scenes(n: int, rng: np.random.Generator) -> tuple[list[SceneSp
     return specs, torch.stack([pixels(s, rng) for s in specs])
 
 
-def relation_scenes(n: int, rng: np.random.Generator) -> tuple[list[SceneSpec], torch.Tensor]:
+def relation_scenes(n: int, rng: np.random.Generator, state_cells: bool = False) -> tuple[list[SceneSpec], torch.Tensor]:
     """n scenes of two medium objects (distinct colours and shapes, distinct cells) captioned with one relation
-    that holds ("a red circle above a blue square"), and their images (n, 3, 64, 64) in [-1, 1]."""
+    that holds ("a red circle above a blue square") or, with `state_cells`, with both cells ("a red circle on the left
+    and a blue square in the center"), and their images (n, 3, 64, 64) in [-1, 1]."""
     from latent_diffusion.data.shapes import _relation_holds
 
     specs = []
@@ -108,6 +115,9 @@ def relation_scenes(n: int, rng: np.random.Generator) -> tuple[list[SceneSpec], 
         colors, shapes = rng.choice(list(COLORS), 2, replace=False), rng.choice(list(SHAPES), 2, replace=False)
         cells = rng.choice(9, 2, replace=False)
         objs = tuple(ShapeObject(str(c), str(s), "medium", int(k)) for c, s, k in zip(colors, shapes, cells))
+        if state_cells:
+            specs.append(SceneSpec(objs, (), stated=(frozenset({"cell"}), frozenset({"cell"}))))
+            continue
         true = [r for r in RELATIONS if _relation_holds(r, objs[0].cell, objs[1].cell)]
         specs.append(SceneSpec(objs, (Relation(0, true[int(rng.integers(len(true)))], 1),),
                                stated=(frozenset(), frozenset())))
@@ -141,7 +151,8 @@ class Probe:
     """x0 at the last timestep from fixed noise for fixed prompts, decoded by the VAE and scored.
 
     task "position": 4 objects × 9 stated cells, scored by where the ink is. task "relation": 4 colour/shape
-    pairs × 4 relations × both orders, scored by which side of the object's colour the subject's colour lies."""
+    pairs × 4 relations × both orders, scored by which side of the object's colour the subject's colour lies;
+    task "pair": the same pairs in opposite cells, scored alike."""
 
     def __init__(self, task: str, encode: Any, vae: AutoencoderKL, latent_shape: tuple[int, ...]):
         self.task = task
@@ -152,6 +163,10 @@ class Probe:
             pairs = [p for a, b, c, d in PROBE_PAIRS for p in (((a, b), (c, d)), ((c, d), (a, b)))]
             self.relations = [(s, r, o) for s, o in pairs for r in RELATIONS]
             prompts = [f"a {s[0]} {s[1]} {r} a {o[0]} {o[1]}" for s, r, o in self.relations]
+            if task == "pair":
+                self.relations = [(s, r, o) for s, o in pairs for _, _, r in OPPOSITE_CELLS]
+                prompts = [f"a {s[0]} {s[1]} {cs} and a {o[0]} {o[1]} {co}"
+                           for s, o in pairs for cs, co, _ in OPPOSITE_CELLS]
         self.contexts, self.pooled = encode(prompts), encode(prompts)["text_embeds"]
         self.noise = torch.randn(len(prompts), *latent_shape, generator=torch.Generator().manual_seed(7))
         self.vae = vae
@@ -291,8 +306,10 @@ def main() -> None:
         result["probe"] = figures
     else:
         rng = np.random.default_rng(args.seed)
-        scenes = single_object_scenes if args.task == "position" else relation_scenes
-        specs, images = scenes(args.num_scenes, rng)
+        if args.task == "position":
+            specs, images = single_object_scenes(args.num_scenes, rng)
+        else:
+            specs, images = relation_scenes(args.num_scenes, rng, state_cells=args.task == "pair")
         captions = [caption(s) for s in specs]
         contexts = ("tokens", "states", "layer1")
         with torch.no_grad():
@@ -313,7 +330,7 @@ def main() -> None:
         rows = [[n] + [f"{p[first]:.2f} ({p[second]:.1f})" for p in c] for n, c in result["variants"].items()]
         steps = [p["step"] for p in next(iter(result["variants"].values()))]
         print(markdown_table(["variant"] + [f"step {s}" for s in steps], rows))
-    name = "position_learning.json" if args.task == "position" else "relation_learning.json"
+    name = f"{args.task}_learning.json"
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" / name
                                            if not args.tiny else Path("/tmp") / name)
     write_json(out, result)
