@@ -144,7 +144,10 @@ def train(pipeline: str, out: Path, concept: Concept, accelerate_args: str, extr
     """Run the fine-tune exactly as a user would type it."""
     prompts = [x for p in concept.validation_prompts() for x in ("--validation-prompt", p)]
     lora = ["--rank", "8", "--alpha", "8"] if method == "lora" else []
-    cmd = ["accelerate", "launch", *shlex.split(accelerate_args), "-m", "training.finetune",
+    # The `accelerate` of this interpreter's environment, also when that environment is not activated.
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher) if launcher.is_file() else "accelerate", "launch", *shlex.split(accelerate_args),
+           "-m", "training.finetune",
            "--pipeline", pipeline, "--train-data-dir", str(out / "data"), "--method", method,
            "--components", "decoder,prior", *lora, "--max-steps", "2000",
            "--batch-size", "16", "--learning-rate", "1e-4", *prompts,
