@@ -104,10 +104,11 @@ def single_object_scenes(n: int, rng: np.random.Generator) -> tuple[list[SceneSp
     return specs, torch.stack([pixels(s, rng) for s in specs])
 
 
-def relation_scenes(n: int, rng: np.random.Generator, state_cells: bool = False) -> tuple[list[SceneSpec], torch.Tensor]:
+def relation_scenes(n: int, rng: np.random.Generator,
+                    state_cells: bool = False) -> tuple[list[SceneSpec], torch.Tensor]:
     """n scenes of two medium objects (distinct colours and shapes, distinct cells) captioned with one relation
-    that holds ("a red circle above a blue square") or, with `state_cells`, with both cells ("a red circle on the left
-    and a blue square in the center"), and their images (n, 3, 64, 64) in [-1, 1]."""
+    that holds ("a red circle above a blue square") or, with `state_cells`, with both cells ("a red circle on the
+    left and a blue square in the center"), and their images (n, 3, 64, 64) in [-1, 1]."""
     from latent_diffusion.data.shapes import _relation_holds
 
     specs = []
