@@ -168,7 +168,8 @@ class Probe:
                 self.relations = [(s, r, o) for s, o in pairs for _, _, r in OPPOSITE_CELLS]
                 prompts = [f"a {s[0]} {s[1]} {cs} and a {o[0]} {o[1]} {co}"
                            for s, o in pairs for cs, co, _ in OPPOSITE_CELLS]
-        self.contexts, self.pooled = encode(prompts), encode(prompts)["text_embeds"]
+        self.contexts = encode(prompts)
+        self.pooled = self.contexts["text_embeds"]
         self.noise = torch.randn(len(prompts), *latent_shape, generator=torch.Generator().manual_seed(7))
         self.vae = vae
 
@@ -335,7 +336,6 @@ def main() -> None:
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" / name
                                            if not args.tiny else Path("/tmp") / name)
     write_json(out, result)
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def test_decoder_warm_start_adds_position_embeddings(one_process_run, tmp_path):
     before, after = weights(one_process_run, "decoder"), weights(tmp_path / "warm", "decoder")
     added = sorted(set(after) - set(before))
     pos = [k for k in added if ".pos_proj." in k]
-    outs = [k for k in added if k.endswith(("attn.to_out.weight", "ff.proj_out.weight"))]
+    outs = [k for k in added if k.endswith(("attn1.to_out.weight", "ff.proj_out.weight"))]
     assert pos and len(outs) == 2 and all(".pos_proj." in k or k.startswith("text_refiner.") for k in added)
     assert set(before) <= set(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert all(not after[k].any() for k in pos + outs)

@@ -124,44 +124,46 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, cross-attention on the context, GEGLU feed-forward. (B, L, dim)."""
+    """Pre-norm block: self-attention, cross-attention on the context (none when `context_dim` is None), GEGLU
+    feed-forward. (B, L, dim)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+    def __init__(self, dim: int, heads: int, context_dim: int | None, upcast: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, upcast=upcast)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
+        else:
+            self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, gated=True)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # Residual adds in place into the fresh output projections (not kept by autograd): no extra buffers.
         x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
+        if self.attn2 is not None:
+            x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
 
 class TextRefiner(nn.Module):
-    """Pre-norm self-attention + GEGLU blocks over the text tokens. (B, L, dim) -> (B, L, dim).
+    """Self-attention-only `TransformerBlock`s over the text tokens. (B, L, dim) -> (B, L, dim).
 
     Each block's output projections start at zero: a decoder gaining a refiner computes exactly what it did
     before (a warm start), and learns how much to change the tokens."""
 
-    def __init__(self, dim: int, heads: int, layers: int):
+    def __init__(self, dim: int, heads: int, layers: int, upcast: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads),
-            "norm2": nn.LayerNorm(dim), "ff": FeedForward(dim, gated=True)}) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, None, upcast) for _ in range(layers))
         for block in self.blocks:
-            for out in (block["attn"].to_out, block["ff"].proj_out):
+            for out in (block.attn1.to_out, block.ff.proj_out):
                 nn.init.zeros_(out.weight)
                 nn.init.zeros_(out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = x + block["attn"](block["norm1"](x))
-            x = x + block["ff"](block["norm2"](x))
+            x = block(x)
         return x
 
 
@@ -254,8 +256,8 @@ class UNet(nn.Module):
         else:
             self.image_context_proj = self.image_context_norm = None
         self.text_time_proj = nn.Linear(c.pooled_text_dim, temb) if c.pooled_text_dim else None
-        self.text_refiner = TextRefiner(c.context_dim, c.text_refiner_heads, c.text_refiner_layers) \
-            if c.text_refiner_layers else None
+        self.text_refiner = TextRefiner(c.context_dim, c.text_refiner_heads, c.text_refiner_layers,
+                                        c.upcast_attention) if c.text_refiner_layers else None
 
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, temb, c.norm_groups, c.norm_eps, c.dropout)
