@@ -176,6 +176,24 @@ def test_resume_continues_exactly(tmp_path):
     assert not list((tmp_path / "resumed" / "_work" / "vae").rglob("*.pkl"))  # nothing pickled
 
 
+def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
+    """`optim.max_minutes` ends the loop at a step boundary; the run is exported and marked done like a full one."""
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    args = ["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "50", "--vae.optim.ema_decay", "0.9"]
+    train_vae.main([*args, "--vae.optim.max_minutes", "1e-9"])  # past the limit after the first step
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert "stopping at step 1 of 50" in capsys.readouterr().out
+    work = tmp_path / "_work" / "vae"
+    assert [p.name for p in work.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert (work / "DONE").is_file() and (tmp_path / "vae" / "config.json").is_file()
+    assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1]
+    with pytest.raises(ValueError, match="max_minutes=0.0 must be > 0"):
+        train_vae.main([*args, "--vae.optim.max_minutes", "0"])
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     from accelerate.state import AcceleratorState
 

@@ -31,6 +31,7 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 100
     max_steps: int = 1000
+    max_minutes: float | None = None  # stop the loop after this long (at a step boundary) and save as if finished
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float | None = None  # None: no EMA weights
@@ -41,6 +42,10 @@ class OptimConfig:
     num_workers: int = 0
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of the model's blocks (speed.compile_blocks): for GPUs
+
+    def __post_init__(self) -> None:
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"optim.max_minutes={self.max_minutes} must be > 0, or null for no time limit")
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,14 @@ class StepBatchSampler(Sampler[list[int]]):
             raise ValueError("the training dataset is empty")
         self.size, self.batch, self.accum, self.seed = size, batch_size, grad_accum, seed
         self.rank, self.world, self.start, self.stop = rank, world, start_step, max_steps
+        self._perms: dict[int, np.ndarray] = {}  # the epochs in use (a large dataset's permutation is costly)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return self._perms[epoch]
 
     def global_indices(self, step: int, micro: int) -> np.ndarray:
         per_step = self.batch * self.world * self.accum
@@ -120,7 +128,7 @@ class StepBatchSampler(Sampler[list[int]]):
         positions = np.arange(first, first + self.batch * self.world)
         out = np.empty_like(positions)
         for epoch in np.unique(positions // self.size):
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.size)
+            perm = self.permutation(int(epoch))
             sel = positions // self.size == epoch
             out[sel] = perm[positions[sel] % self.size]
         assert len(out) == per_step // self.accum
@@ -357,6 +365,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     board = tensorboard_writer(stage) if acc.is_main_process else None
     wrapped.train()
     t0, last_good = time.perf_counter(), None
+    deadline = t0 + 60 * oc.max_minutes if oc.max_minutes else None
+    end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
     for step in range(start, stage.max_steps):
         logs: dict[str, float] = {}
         total = torch.zeros((), device=acc.device)
@@ -392,7 +402,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             ema.update(acc.unwrap_model(wrapped))
         bar.update(1)
         done = step + 1
-        if acc.is_main_process and (done % oc.log_every == 0 or done == stage.max_steps):
+        if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline):
+            end = done
+        if acc.is_main_process and (done % oc.log_every == 0 or done == end):
             record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
                       "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
                       / (time.perf_counter() - t0), **logs}
@@ -405,6 +417,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                     if key != "step":
                         board.add_scalar(f"{stage.name}/{key}", value, done)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if done == end < stage.max_steps:
+            stage.print(f"{stage.name}: stopping at step {done} of {stage.max_steps}: the time limit of "
+                        f"{oc.max_minutes} min (optim.max_minutes) is reached")
+            break
         if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
             last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
@@ -412,8 +428,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     bar.close()
     if board is not None:
         board.close()
-    if stage.max_steps > start:
-        save_checkpoint(stage, stage.max_steps, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
+    if end > start:
+        save_checkpoint(stage, end, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
     if stage.fsdp:  # the main process gets the whole final model, unsharded; the others keep their shards
         state = _gather_weights(stage, wrapped, ema)
         final = sharding.unsharded_copy(wrapped, state, acc.device) if acc.is_main_process else wrapped
@@ -427,8 +443,14 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             ema.copy_to(final)
     final.eval()
     if validate is not None:  # (under --fsdp the main process validates its unsharded copy; the others wait)
-        _run_validation(stage, final if stage.fsdp else wrapped, None, validate, stage.max_steps, metrics_path)
+        _run_validation(stage, final if stage.fsdp else wrapped, None, validate, end, metrics_path)
     return final
+
+
+def out_of_time(acc: Accelerator, deadline: float) -> bool:
+    """Whether any process is past `deadline` (one small all-reduce, so that every process stops at one step)."""
+    late = torch.tensor(float(time.perf_counter() > deadline), device=acc.device)
+    return bool(acc.reduce(late, reduction="sum") > 0)
 
 
 def tensorboard_writer(stage: Stage) -> Any:
