@@ -194,6 +194,18 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
         train_vae.main([*args, "--vae.optim.max_minutes", "0"])
 
 
+def test_resumed_ema_stays_on_the_models_device():
+    """Checkpoints load on the CPU; a resumed EMA must average on the model's device (a GPU run failed here).
+    The meta device stands in for a second device on a CPU-only machine."""
+    from training.loop import EMA
+
+    saved = EMA(torch.nn.Linear(3, 2), 0.9).state_dict()
+    ema = EMA(torch.nn.Linear(3, 2, device="meta"), 0.9)
+    ema.load_state_dict(saved)
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+    ema.update(torch.nn.Linear(3, 2, device="meta"))  # mixed devices raise here
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     from accelerate.state import AcceleratorState
 

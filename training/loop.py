@@ -224,8 +224,8 @@ class EMA:
         return {"step": self.step, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+        self.step = int(state["step"])  # checkpoints load on the CPU: keep each average where the model is
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32) for k, v in state["shadow"].items()}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
