@@ -17,7 +17,9 @@ or step by step (each step reads what the previous one wrote under --out):
 200 scenes of one or two shapes; three in four hold the new concept ("a large pink circle on the left and a blue
 square in the center", "a small red heart at the top"), the rest are ordinary scenes that keep the old vocabulary
 in practice. One combination is never shown — a pink *star*, a *green* heart — to test whether the new concept
-composes with what the model already knows.
+composes with what the model already knows. `--replay N` adds N images that the *base* pipeline draws for ordinary
+captions (`replay-*.png`): DreamBooth's prior preservation, which keeps long fine-tuning from overfitting the 200
+images and forgetting the rest (`--concept-fraction 1.0 --replay 400` met both goals for the heart).
 
 `train` runs `accelerate launch [--accelerate-args] -m training.finetune --method lora --components decoder,prior`
 (rank 8, 2000 steps of batch 16 by default; `--method full` fine-tunes the whole decoder and prior instead; anything
