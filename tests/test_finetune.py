@@ -298,16 +298,21 @@ def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_d
     assert np.abs(outs[0] - outs[1]).max() > 0
 
 
-@pytest.mark.parametrize("concept", ["pink", "heart"])
-def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_path, concept):
+def teach_concept_module():
     import importlib.util
-
-    from latent_diffusion.data.shapes import SceneSpec
 
     spec = importlib.util.spec_from_file_location("teach_concept", ROOT / "examples" / "teach_concept.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["teach_concept"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("concept", ["pink", "heart"])
+def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_path, concept):
+    from latent_diffusion.data.shapes import SceneSpec
+
+    module = teach_concept_module()
     c = module.CONCEPTS[concept]
     module.write_data(tmp_path, c, num_images=40)
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
@@ -320,3 +325,23 @@ def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_pat
     assert list(groups) == [concept, c.heldout_group, "control"]
     firsts = [s.objects[0] for s in groups[c.heldout_group]]
     assert firsts and all(c.is_heldout(o) and getattr(o, c.kind) == concept for o in firsts)
+
+
+def test_teach_concept_replay_adds_images_of_the_base_pipeline_that_load(tiny_pipeline_dir, tmp_path):
+    """Prior preservation: the base pipeline's own images of ordinary captions join the imagefolder and load with
+    the user's images (rows without a scene spec)."""
+    from latent_diffusion.data.image_text import ImageTextDataset
+
+    module = teach_concept_module()
+    module.write_data(tmp_path, module.CONCEPTS["heart"], num_images=4, fraction=1.0)
+    module.write_replay(tmp_path, str(tiny_pipeline_dir), 3)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    replay = rows[4:]
+    assert [r["file_name"] for r in replay] == ["replay-0000.png", "replay-0001.png", "replay-0002.png"]
+    assert all(r["spec"] is None and "heart" not in r["text"].split() for r in replay)
+    assert all("heart" in r["text"].split() for r in rows[:4])
+    pixels = [np.asarray(Image.open(tmp_path / r["file_name"]), dtype=np.float32) for r in replay]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0  # drawn, one image per caption
+    data = ImageTextDataset(train_data_dir=str(tmp_path), image_size=32)
+    assert len(data) == 7 and data[6]["caption"] == replay[-1]["text"]
+    assert data[6]["pixel_values"].shape == (3, 32, 32)
