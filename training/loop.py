@@ -325,7 +325,8 @@ LossFn = Callable[[torch.nn.Module, Any, StepRandom, int], tuple[torch.Tensor, d
 def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn, oc: OptimConfig,
         collate: Callable | None = None, validate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
         params: Any = None) -> torch.nn.Module:
-    """Train `model` for `stage.max_steps` optimiser steps and return the unwrapped model holding the final
+    """Train `model` for `stage.max_steps` optimiser steps (fewer when `oc.max_minutes` runs out first: the run
+    then ends, checkpoints and exports at that step) and return the unwrapped model holding the final
     weights (the EMA weights when `oc.ema_decay` is set). Under `--fsdp` only the main process gets that
     (unsharded) model; the others get their sharded module back.
 
