@@ -145,14 +145,17 @@ def write_replay(folder: Path, pipeline: str, num_images: int, seed: int = 7, de
     """Prior preservation (DreamBooth, Ruiz et al. 2023, §4.2): `num_images` images the *base* pipeline generates for
     ordinary one- and two-object captions, added to the imagefolder (`replay-*.png`, with no scene spec in
     metadata.jsonl). Fine-tuning on them alongside the user's images keeps the model close to what it drew before
-    — no original training data needed."""
+    — no original training data needed. The pairs the pipeline held out of training stay out of the captions, so
+    the evaluation's held-out group stays unseen."""
     import torch
 
     from latent_diffusion import TextToImagePipeline
+    from latent_diffusion.cli import heldout_pairs
 
     pipe = TextToImagePipeline.from_pretrained(pipeline, device=device)
     rng = np.random.default_rng([seed, 12345])
-    captions = [caption(sample_spec(rng, max_objects=2)) for _ in range(num_images)]
+    exclude = set(heldout_pairs(Path(pipeline)))
+    captions = [caption(sample_spec(rng, exclude, max_objects=2)) for _ in range(num_images)]
     rows, batch = [], 16
     for start in range(0, num_images, batch):
         with torch.no_grad():

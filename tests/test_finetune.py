@@ -330,18 +330,36 @@ def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_pat
 def test_teach_concept_replay_adds_images_of_the_base_pipeline_that_load(tiny_pipeline_dir, tmp_path):
     """Prior preservation: the base pipeline's own images of ordinary captions join the imagefolder and load with
     the user's images (rows without a scene spec)."""
+    import shutil
+
     from latent_diffusion.data.image_text import ImageTextDataset
+    from latent_diffusion.data.shapes import parse_pairs
 
     module = teach_concept_module()
-    module.write_data(tmp_path, module.CONCEPTS["heart"], num_images=4, fraction=1.0)
-    module.write_replay(tmp_path, str(tiny_pipeline_dir), 3)
-    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir, base)  # + a training config that held out two pairs
+    (base / "config.yaml").write_text("data:\n  exclude_pairs: [red circle, blue square]\n")
+    data = tmp_path / "data"
+    module.write_data(data, module.CONCEPTS["heart"], num_images=4, fraction=1.0)
+    module.write_replay(data, str(base), 40)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     replay = rows[4:]
+    held_out = parse_pairs("red circle, blue square")
+    assert not any(pair in parse_pairs_in(r["text"]) for r in replay for pair in held_out)
+    replay = replay[:3]
     assert [r["file_name"] for r in replay] == ["replay-0000.png", "replay-0001.png", "replay-0002.png"]
-    assert all(r["spec"] is None and "heart" not in r["text"].split() for r in replay)
+    assert all(r["spec"] is None and "heart" not in r["text"].split() for r in rows[4:])
     assert all("heart" in r["text"].split() for r in rows[:4])
-    pixels = [np.asarray(Image.open(tmp_path / r["file_name"]), dtype=np.float32) for r in replay]
+    pixels = [np.asarray(Image.open(data / r["file_name"]), dtype=np.float32) for r in replay]
     assert np.abs(pixels[0] - pixels[1]).max() > 0  # drawn, one image per caption
-    data = ImageTextDataset(train_data_dir=str(tmp_path), image_size=32)
-    assert len(data) == 7 and data[6]["caption"] == replay[-1]["text"]
-    assert data[6]["pixel_values"].shape == (3, 32, 32)
+    loaded = ImageTextDataset(train_data_dir=str(data), image_size=32)
+    assert len(loaded) == 44 and loaded[43]["caption"] == rows[-1]["text"]
+    assert loaded[43]["pixel_values"].shape == (3, 32, 32)
+
+
+def parse_pairs_in(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a shapes caption names ("a small red circle on the left and ...")."""
+    from latent_diffusion.data.shapes import COLORS, SHAPES
+
+    words = text.split()
+    return {(c, s) for c, s in zip(words, words[1:]) if c in COLORS and s in SHAPES}
