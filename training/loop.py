@@ -211,10 +211,17 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         self.step += 1
         d = min(self.decay, (1 + self.step) / (10 + self.step))
-        for k, v in model.state_dict().items():
+        state = model.state_dict()
+        groups: dict[type, list[str]] = {}  # sharded (DTensor) and plain tensors do not mix in one foreach call
+        for k, v in state.items():
             if v.is_floating_point():
-                self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
-            else:
+                groups.setdefault(type(v), []).append(k)
+        # θ_ema + (1 - d)(θ - θ_ema) as one fused kernel per group, not two per tensor: a small model's step on a
+        # GPU is launch-bound
+        for keys in groups.values():
+            torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].float() for k in keys], 1 - d)
+        for k, v in state.items():
+            if not v.is_floating_point():
                 self.shadow[k].copy_(v)
 
     def copy_to(self, model: torch.nn.Module) -> None:
@@ -366,6 +373,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     board = tensorboard_writer(stage) if acc.is_main_process else None
     wrapped.train()
     t0, last_good = time.perf_counter(), None
+    bad_step = torch.full((), -1, device=acc.device)
     deadline = t0 + 60 * oc.max_minutes if oc.max_minutes else None
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
     for step in range(start, stage.max_steps):
@@ -385,12 +393,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             for k, v in extra.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / oc.grad_accum
         total = acc.reduce(total, reduction="mean")
-        if not torch.isfinite(total):
-            bar.close()
-            raise FloatingPointError(
-                f"{stage.name}: the loss became {total.item()} at step {step}; stopping. The last good checkpoint "
-                f"is {last_good or (list_checkpoints(stage.work_dir) or ['none'])[-1]}. Lower the learning rate "
-                "or use bf16 instead of fp16.")
+        # The first step with a non-finite loss, kept on the device: reading it every step would make the host
+        # wait for the device each step (no overlap of data loading and kernel launches with compute).
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
         grad_norm = None
         if oc.max_grad_norm and stage.fsdp:
             grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
@@ -403,8 +408,11 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             ema.update(acc.unwrap_model(wrapped))
         bar.update(1)
         done = step + 1
-        if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline):
+        if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline, done):
             end = done
+        saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
+        if done % oc.log_every == 0 or done == end or saving or done == stage.max_steps:
+            _stop_if_not_finite(stage, bad_step, last_good, bar)
         if acc.is_main_process and (done % oc.log_every == 0 or done == end):
             record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
                       "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
@@ -422,7 +430,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             stage.print(f"{stage.name}: stopping at step {done} of {stage.max_steps}: the time limit of "
                         f"{oc.max_minutes} min (optim.max_minutes) is reached")
             break
-        if oc.checkpoint_every and done % oc.checkpoint_every == 0 and done < stage.max_steps:
+        if saving:
             last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
         if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
             _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
@@ -448,10 +456,27 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     return final
 
 
-def out_of_time(acc: Accelerator, deadline: float) -> bool:
-    """Whether any process is past `deadline` (one small all-reduce, so that every process stops at one step)."""
+def out_of_time(acc: Accelerator, deadline: float, step: int, every: int = 10) -> bool:
+    """Whether any process is past `deadline`. With several processes they agree through one small all-reduce
+    (so that all stop at one step), made every `every` steps only: it makes the host wait for the device."""
+    if acc.num_processes == 1:
+        return time.perf_counter() > deadline
+    if step % every:
+        return False
     late = torch.tensor(float(time.perf_counter() > deadline), device=acc.device)
     return bool(acc.reduce(late, reduction="sum") > 0)
+
+
+def _stop_if_not_finite(stage: Stage, bad_step: torch.Tensor, last_good: Path | None, bar: Any) -> None:
+    """Raise if a step since the start had a non-finite loss (`bad_step` ≥ 0: the first such step)."""
+    step = int(bad_step)
+    if step < 0:
+        return
+    bar.close()
+    raise FloatingPointError(
+        f"{stage.name}: the loss became non-finite (inf or nan) at step {step}; stopping. The last good checkpoint "
+        f"is {last_good or (list_checkpoints(stage.work_dir) or ['none'])[-1]}. Lower the learning rate "
+        "or use bf16 instead of fp16.")
 
 
 def tensorboard_writer(stage: Stage) -> Any:
