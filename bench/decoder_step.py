@@ -1,0 +1,170 @@
+"""Where one training step of the decoder goes: the real step of `training.train_decoder` (shapes data, frozen
+CLIP and VAE features computed on the fly, the decoder's loss, AdamW, EMA) on a pipeline's components, timed part
+by part, as a whole, and beside the DataLoader alone.
+
+    python bench/decoder_step.py                                              # CPU, the shipped pipeline
+    python bench/decoder_step.py --device cuda --batch-sizes 256 1024 --workers 12 --mixed-precision bf16
+
+Per batch size B it reports samples/s of
+- "loader": the DataLoader alone (`--workers` processes rendering scenes), the ceiling the host can feed;
+- each part with the device synchronised around it (median of `--steps`): tokenize + text encoder, image encoder,
+  VAE encoder, decoder forward + backward, gradient clipping + AdamW, EMA update;
+- "step": the whole step repeated `--steps` times with no synchronisation inside (how the training loop runs it),
+  on one batch held on the device: the device's ceiling for on-the-fly features;
+- "step, cached features": the same without the CLIP and VAE encoders (`decoder.cache: true`).
+The model and the optimiser change during the measurement (it is training); the figures are rates, not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+from _common import machine_info, markdown_table, sync, write_json  # noqa: E402
+
+from latent_diffusion import TextToImagePipeline  # noqa: E402
+from latent_diffusion.data.shapes import ShapesDataset  # noqa: E402
+from latent_diffusion.diffusion import NoiseSchedule  # noqa: E402
+from training.common import decoder_loss, encode_batch  # noqa: E402
+from training.loop import EMA, StepRandom  # noqa: E402
+
+
+def loader_rate(batch: int, workers: int, steps: int) -> float:
+    """Samples/s of a shuffled DataLoader over the shapes data (the first batch, worker start-up, not counted)."""
+    loader = torch.utils.data.DataLoader(ShapesDataset(1_000_000, seed=0), batch_size=batch, shuffle=True,
+                                         num_workers=workers)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def timed(fn: Callable[[], object], device: torch.device, steps: int) -> float:
+    """Median seconds of `fn` with the device synchronised before and after each call (one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--pipeline", default=str(REPO / "assets" / "shapes-64"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes for the loader figure")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decoder_step.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
+    tok, text_encoder, image_encoder, vae, cfg = pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.vae, \
+        pipe.config
+    unet = pipe.decoder.requires_grad_(True).train()
+    schedule = NoiseSchedule(cfg.decoder_schedule)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
+    ema = EMA(unet, 0.999)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mixed_precision == "bf16"
+                else nullcontext())
+    tokens = cfg.decoder_token_embeddings
+    empty = encode_batch(tok, text_encoder, None, [""], None, cfg.image_mean, cfg.image_std, tokens)
+    rows, results = [], {}
+    for B in args.batch_sizes:
+        data = ShapesDataset(B, seed=1)
+        items = [data[i] for i in range(B)]
+        captions = [x["caption"] for x in items]
+        pixels = torch.stack([x["pixel_values"] for x in items]).to(device)
+        state = {"step": 0}
+
+        def text() -> dict:
+            with autocast:
+                return encode_batch(tok, text_encoder, None, captions, None, cfg.image_mean, cfg.image_std, tokens)
+
+        def image() -> dict:
+            with autocast:
+                return encode_batch(tok, text_encoder, image_encoder, [""], pixels, cfg.image_mean, cfg.image_std)
+
+        def vae_encode() -> torch.Tensor:
+            with autocast, torch.no_grad():
+                p = vae.encode(pixels)
+                return p.mean + p.std * torch.randn_like(p.std)
+
+        features = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
+
+        def forward_backward(f: dict = features) -> None:
+            rnd = StepRandom(0, state["step"], 0, 0, 1, B, device)
+            state["step"] += 1
+            with autocast:
+                loss = decoder_loss(unet, f["latents"], (f["text_states"], f["text_embeds"]),
+                                    (empty["text_states"], empty["text_embeds"]), f["image_embeds"], rnd, schedule,
+                                    0.1, 0.1, timestep_logit_normal=(0.7, 1.0))
+            loss.backward()
+
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+
+        forward_backward()
+        parts = {"text encoder (incl. tokenize)": timed(text, device, args.steps),
+                 "image encoder": timed(image, device, args.steps),
+                 "VAE encoder": timed(vae_encode, device, args.steps),
+                 "decoder fwd+bwd": timed(forward_backward, device, args.steps),
+                 "clip + AdamW": timed(update, device, args.steps),
+                 "EMA": timed(lambda: ema.update(unet), device, args.steps)}
+
+        def whole(cached: bool) -> Callable[[], None]:
+            def step() -> None:
+                if cached:
+                    forward_backward()
+                else:
+                    f = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
+                    forward_backward(f)
+                update()
+                ema.update(unet)
+
+            return step
+
+        def rate(fn: Callable[[], None]) -> float:
+            fn()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync(device)
+            return B * args.steps / (time.perf_counter() - t0)
+
+        result = {"loader": loader_rate(B, args.workers, args.steps),
+                  **{k: B / v for k, v in parts.items()},
+                  "parts, summed": B / sum(parts.values()),
+                  "step": rate(whole(False)), "step, cached features": rate(whole(True))}
+        results[str(B)] = {"samples_per_s": result, "part_ms": {k: v * 1e3 for k, v in parts.items()}}
+        for name, value in result.items():
+            ms = parts.get(name)
+            rows.append([B, name, value, None if ms is None else ms * 1e3])
+        print(markdown_table(["batch", "what", "samples/s", "ms (synchronised)"], rows[-len(result):]), flush=True)
+    info = machine_info(device)
+    print(markdown_table(["batch", "what", "samples/s", "ms (synchronised)"], rows))
+    write_json(args.out, {"machine": info, "pipeline": args.pipeline, "mixed_precision": args.mixed_precision,
+                          "workers": args.workers, "steps": args.steps, "results": results})
+
+
+if __name__ == "__main__":
+    main()
