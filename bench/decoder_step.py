@@ -7,10 +7,12 @@ by part, as a whole, and beside the DataLoader alone.
 
 Per batch size B it reports samples/s of
 - "loader": the DataLoader alone (`--workers` processes rendering scenes), the ceiling the host can feed;
-- each part with the device synchronised around it (median of `--steps`): tokenize + text encoder, image encoder,
-  VAE encoder, decoder forward + backward, gradient clipping + AdamW, EMA update;
+- each part with the device synchronised around it (median of `--steps`): tokenize (host; training runs it in the
+  DataLoader workers, `training.common.TokenizingCollate`), text encoder, image encoder, VAE encoder, decoder
+  forward + backward, gradient clipping + AdamW, EMA update;
 - "step": the whole step repeated `--steps` times with no synchronisation inside (how the training loop runs it),
-  on one batch held on the device: the device's ceiling for on-the-fly features;
+  on one batch held on the device: the device's ceiling for on-the-fly features; "tokenizing in the step": the
+  same with the tokenizer in the step (as before `TokenizingCollate`);
 - "step, cached features": the same without the CLIP and VAE encoders (`decoder.cache: true`).
 The model and the optimiser change during the measurement (it is training); the figures are rates, not results.
 """
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +37,7 @@ from _common import machine_info, markdown_table, sync, write_json  # noqa: E402
 from latent_diffusion import TextToImagePipeline  # noqa: E402
 from latent_diffusion.data.shapes import ShapesDataset  # noqa: E402
 from latent_diffusion.diffusion import NoiseSchedule  # noqa: E402
-from training.common import decoder_loss, encode_batch  # noqa: E402
+from training.common import decoder_loss, encode_batch, tokenize_once  # noqa: E402
 from training.loop import EMA, StepRandom  # noqa: E402
 
 
@@ -63,6 +66,91 @@ def timed(fn: Callable[[], object], device: torch.device, steps: int) -> float:
     return statistics.median(times)
 
 
+def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextToImagePipeline,
+            optimizer: torch.optim.Optimizer, ema: EMA, autocast: Any, empty: dict, schedule: NoiseSchedule
+            ) -> tuple[dict[str, float], dict[str, float]]:
+    """Samples/s of each row for batch size `B`, and the synchronised seconds of each part."""
+    tok, text_encoder, image_encoder, vae, cfg = pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.vae, \
+        pipe.config
+    unet, tokens = pipe.decoder, cfg.decoder_token_embeddings
+    data = ShapesDataset(B, seed=1)
+    items = [data[i] for i in range(B)]
+    captions = [x["caption"] for x in items]
+    pixels = torch.stack([x["pixel_values"] for x in items]).to(device)
+    state = {"step": 0}
+
+    ids = tokenize_once(tok, captions)
+
+    def text(pretokenized: bool = True) -> dict:
+        with autocast:
+            return encode_batch(tok, text_encoder, None, captions, None, cfg.image_mean, cfg.image_std, tokens,
+                                tokens=ids if pretokenized else None)
+
+    def image() -> dict:
+        with autocast:
+            return encode_batch(tok, text_encoder, image_encoder, [""], pixels, cfg.image_mean, cfg.image_std)
+
+    def vae_encode() -> torch.Tensor:
+        with autocast, torch.no_grad():
+            p = vae.encode(pixels)
+            return p.mean + p.std * torch.randn_like(p.std)
+
+    features = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
+
+    def forward_backward(f: dict = features) -> None:
+        rnd = StepRandom(0, state["step"], 0, 0, 1, B, device)
+        state["step"] += 1
+        with autocast:
+            loss = decoder_loss(unet, f["latents"], (f["text_states"], f["text_embeds"]),
+                                (empty["text_states"], empty["text_embeds"]), f["image_embeds"], rnd, schedule,
+                                0.1, 0.1, timestep_logit_normal=(0.7, 1.0))
+        loss.backward()
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    forward_backward()
+    parts = {"tokenize (in DataLoader workers in training)": timed(lambda: tokenize_once(tok, captions), device,
+                                                                    args.steps),
+             "text encoder": timed(text, device, args.steps),
+             "image encoder": timed(image, device, args.steps),
+             "VAE encoder": timed(vae_encode, device, args.steps),
+             "decoder fwd+bwd": timed(forward_backward, device, args.steps),
+             "clip + AdamW": timed(update, device, args.steps),
+             "EMA": timed(lambda: ema.update(unet), device, args.steps)}
+
+    def whole(cached: bool, pretokenized: bool = True) -> Callable[[], None]:
+        def step() -> None:
+            if cached:
+                forward_backward()
+            else:
+                f = {**text(pretokenized), "image_embeds": image()["image_embeds"],
+                     "latents": vae.to_latents(vae_encode())}
+                forward_backward(f)
+            update()
+            ema.update(unet)
+
+        return step
+
+    def rate(fn: Callable[[], None]) -> float:
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        sync(device)
+        return B * args.steps / (time.perf_counter() - t0)
+
+    result = {"loader": loader_rate(B, args.workers, args.steps),
+              **{k: B / v for k, v in parts.items()},
+              "parts but tokenize, summed": B / sum(v for k, v in parts.items() if not k.startswith("tokenize")),
+              "step": rate(whole(False)), "step, tokenizing in the step": rate(whole(False, pretokenized=False)),
+              "step, cached features": rate(whole(True))}
+    return result, parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--pipeline", default=str(REPO / "assets" / "shapes-64"))
@@ -75,8 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
-    tok, text_encoder, image_encoder, vae, cfg = pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.vae, \
-        pipe.config
+    tok, text_encoder, cfg = pipe.tokenizer, pipe.text_encoder, pipe.config
     unet = pipe.decoder.requires_grad_(True).train()
     schedule = NoiseSchedule(cfg.decoder_schedule)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -87,74 +174,7 @@ def main() -> None:
     empty = encode_batch(tok, text_encoder, None, [""], None, cfg.image_mean, cfg.image_std, tokens)
     rows, results = [], {}
     for B in args.batch_sizes:
-        data = ShapesDataset(B, seed=1)
-        items = [data[i] for i in range(B)]
-        captions = [x["caption"] for x in items]
-        pixels = torch.stack([x["pixel_values"] for x in items]).to(device)
-        state = {"step": 0}
-
-        def text() -> dict:
-            with autocast:
-                return encode_batch(tok, text_encoder, None, captions, None, cfg.image_mean, cfg.image_std, tokens)
-
-        def image() -> dict:
-            with autocast:
-                return encode_batch(tok, text_encoder, image_encoder, [""], pixels, cfg.image_mean, cfg.image_std)
-
-        def vae_encode() -> torch.Tensor:
-            with autocast, torch.no_grad():
-                p = vae.encode(pixels)
-                return p.mean + p.std * torch.randn_like(p.std)
-
-        features = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
-
-        def forward_backward(f: dict = features) -> None:
-            rnd = StepRandom(0, state["step"], 0, 0, 1, B, device)
-            state["step"] += 1
-            with autocast:
-                loss = decoder_loss(unet, f["latents"], (f["text_states"], f["text_embeds"]),
-                                    (empty["text_states"], empty["text_embeds"]), f["image_embeds"], rnd, schedule,
-                                    0.1, 0.1, timestep_logit_normal=(0.7, 1.0))
-            loss.backward()
-
-        def update() -> None:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-
-        forward_backward()
-        parts = {"text encoder (incl. tokenize)": timed(text, device, args.steps),
-                 "image encoder": timed(image, device, args.steps),
-                 "VAE encoder": timed(vae_encode, device, args.steps),
-                 "decoder fwd+bwd": timed(forward_backward, device, args.steps),
-                 "clip + AdamW": timed(update, device, args.steps),
-                 "EMA": timed(lambda: ema.update(unet), device, args.steps)}
-
-        def whole(cached: bool) -> Callable[[], None]:
-            def step() -> None:
-                if cached:
-                    forward_backward()
-                else:
-                    f = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
-                    forward_backward(f)
-                update()
-                ema.update(unet)
-
-            return step
-
-        def rate(fn: Callable[[], None]) -> float:
-            fn()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            sync(device)
-            return B * args.steps / (time.perf_counter() - t0)
-
-        result = {"loader": loader_rate(B, args.workers, args.steps),
-                  **{k: B / v for k, v in parts.items()},
-                  "parts, summed": B / sum(parts.values()),
-                  "step": rate(whole(False)), "step, cached features": rate(whole(True))}
+        result, parts = measure(B, args, device, pipe, optimizer, ema, autocast, empty, schedule)
         results[str(B)] = {"samples_per_s": result, "part_ms": {k: v * 1e3 for k, v in parts.items()}}
         for name, value in result.items():
             ms = parts.get(name)

@@ -39,6 +39,7 @@ from latent_diffusion.models.clip import (  # noqa: E402
     encode_image,
     encode_text,
     split_clip_model,
+    tokenize,
     train_clip_tokenizer,
 )
 
@@ -235,6 +236,31 @@ def test_encode_text_shapes_mask_and_truncation(tokenizer_dir):
     assert pooled_plain.shape == (2, 32)
     with pytest.raises(TypeError):
         encode_text(tok, model, short)
+
+
+def test_tokenize_matches_the_tokenizers_padding_and_truncation_and_collates_in_workers(tokenizer_dir):
+    from torch.utils.data import DataLoader
+
+    from latent_diffusion.data.shapes import ShapesDataset
+    from training.common import TokenizingCollate
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=12)
+    prompts = ["a red circle", "a small red circle on the left and a large blue square in the center", ""]
+    with pytest.warns(UserWarning, match="limit of 12"):
+        ids, mask = tokenize(tok, prompts)
+    ref = tok(prompts, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+    assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask.bool())
+    assert ids[1, -1].item() == tok.eos_token_id  # truncation keeps the end-of-text token
+
+    data = ShapesDataset(8, seed=0)
+    loader = DataLoader(data, batch_size=4, num_workers=2, collate_fn=TokenizingCollate(tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = next(iter(loader))
+        expected = tokenize(tok, [data[i]["caption"] for i in range(4)])
+    assert torch.equal(batch["input_ids"], expected[0]) and torch.equal(batch["attention_mask"], expected[1])
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and list(batch["caption"]) == [data[i]["caption"]
+                                                                                          for i in range(4)]
 
 
 def test_encode_text_can_read_an_earlier_layer(tokenizer_dir):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from training.config import DataConfig
@@ -70,25 +70,51 @@ def load_clip(output_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
 _TRUNCATION_REPORTED: list[bool] = []
 
 
+def tokenize_once(tokenizer: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latent_diffusion.models.clip.tokenize`, reporting a truncated caption once per process (not once per
+    caption: a training set may hold thousands)."""
+    from latent_diffusion.models.clip import tokenize
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = tokenize(tokenizer, list(captions))
+    if caught and not _TRUNCATION_REPORTED:
+        _TRUNCATION_REPORTED.append(True)
+        warnings.warn(f"{caught[0].message} (reported once; raise clip.max_length to keep whole captions)",
+                      stacklevel=3)
+    return tokens
+
+
+class TokenizingCollate:
+    """A DataLoader collate that also tokenizes the batch's captions ("input_ids", "attention_mask": (B, L)),
+    so the tokenizer runs in the worker processes, off the training step's path (on a GPU the step of a small
+    decoder otherwise waits for it: `bench/decoder_step.py`)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = default_collate(items)
+        batch["input_ids"], batch["attention_mask"] = tokenize_once(self.tokenizer, batch["caption"])
+        return batch
+
+
 @torch.no_grad()
 def encode_batch(tokenizer: Any, text_encoder: Any, image_encoder: Any | None, captions: list[str],
                  pixel_values: torch.Tensor | None, image_mean: tuple[float, ...],
                  image_std: tuple[float, ...], token_embeddings: bool = False,
-                 layer: int | None = None) -> dict[str, torch.Tensor]:
+                 layer: int | None = None, tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Frozen CLIP features of a batch: token states (B, L, D), pooled (B, P), mask (B, L), image embeds (B, P).
     `token_embeddings`: the decoder's states with the input embeddings appended, (B, 2L, D); `layer`: the states
-    after that encoder layer instead of the last (`encode_text`)."""
+    after that encoder layer instead of the last (`encode_text`); `tokens`: the captions' (ids, mask), when
+    tokenized already (`TokenizingCollate`)."""
     from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 
     device = next(text_encoder.parameters()).device
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        states, pooled, mask = encode_text(tokenizer, text_encoder, list(captions), device=device,
-                                           token_embeddings=token_embeddings, layer=layer)
-    if caught and not _TRUNCATION_REPORTED:
-        _TRUNCATION_REPORTED.append(True)
-        warnings.warn(f"{caught[0].message} (reported once; raise clip.max_length to keep whole captions)",
-                      stacklevel=2)
+    tokens = tokens if tokens is not None else tokenize_once(tokenizer, captions)
+    states, pooled, mask = encode_text(tokenizer, text_encoder, list(captions), device=device,
+                                       token_embeddings=token_embeddings, layer=layer, tokens=tokens)
     out = {"text_states": states, "text_embeds": pooled, "text_mask": mask}
     if image_encoder is not None and pixel_values is not None:
         pixels = ((pixel_values.to(device) + 1) / 2).clamp(0, 1)

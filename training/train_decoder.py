@@ -26,7 +26,7 @@ from latent_diffusion.diffusion import NoiseSchedule
 from latent_diffusion.io import config_to_dict, save_safetensors
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
-from training.common import build_dataset, decoder_loss, encode_batch, load_clip
+from training.common import TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
 from training.config import ExperimentConfig, stage_parser
 from training.loop import fit, setup_stage
 
@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     @torch.no_grad()
     def features(batch: dict) -> dict[str, torch.Tensor]:
         """VAE posterior (mean, std) and CLIP features of a batch of dataset items."""
+        tokens = (batch["input_ids"], batch["attention_mask"]) if "input_ids" in batch else None
         f = encode_batch(tokenizer, text_encoder, image_encoder if use_image else None, list(batch["caption"]),
-                         batch["pixel_values"], pipe_cfg.image_mean, pipe_cfg.image_std, dc.token_embeddings)
+                         batch["pixel_values"], pipe_cfg.image_mean, pipe_cfg.image_std, dc.token_embeddings,
+                         tokens=tokens)
         posterior = vae.encode(batch["pixel_values"].to(acc.device))
         return {"mean": posterior.mean, "std": posterior.std, **f}
 
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         model.requires_grad_(True)  # the pipeline freezes its components; this one is still training
         return {}
 
-    unet = fit(stage, unet, dataset, loss_fn, dc.optim, validate=validate, collate=None)
+    unet = fit(stage, unet, dataset, loss_fn, dc.optim, validate=validate,
+               collate=None if dc.cache else TokenizingCollate(tokenizer))
     if acc.is_main_process:
         # Only the decoder and the index are new: the other stages' outputs stay as they wrote them.
         assemble(unet).save_pretrained(out, components=["decoder"])

@@ -324,11 +324,34 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) and mask (B, L) bool (True at bos … eos) of `prompts`, padded to and truncated at
+    L = `tokenizer.model_max_length`, warning once per truncated prompt. One tokenizer pass (a second only for
+    the prompts that are too long), cheap enough to run in DataLoader workers (`training.common.TokenizingCollate`).
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    max_length, prompts = tokenizer.model_max_length, list(prompts)
+    enc = tokenizer(prompts, padding="max_length", max_length=max_length, verbose=False)
+    ids, mask = enc.input_ids, enc.attention_mask
+    long = [i for i, row in enumerate(ids) if len(row) > max_length]
+    for i in long:
+        warnings.warn(f"prompt {_short(prompts[i])!r} has {len(ids[i])} tokens, over the tokenizer limit of "
+                      f"{max_length}; it was truncated", stacklevel=2)
+    if long:  # the tokenizer's own truncation (which keeps the end-of-text token) for those rows
+        cut = tokenizer([prompts[i] for i in long], padding="max_length", truncation=True, max_length=max_length)
+        for j, i in enumerate(long):
+            ids[i], mask[i] = cut.input_ids[j], cut.attention_mask[j]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+
+
 def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompts: list[str],
                 device: torch.device | str | None = None, use_attention_mask: bool = True,
-                token_embeddings: bool = False, layer: int | None = None
+                token_embeddings: bool = False, layer: int | None = None,
+                tokens: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokenize `prompts` and run the CLIP text encoder.
+    """Tokenize `prompts` (`tokenize`) and run the CLIP text encoder; `tokens` = (ids, mask) of `tokenize`
+    computed earlier (e.g. in DataLoader workers) skips the tokenizer.
 
     Pads to `tokenizer.model_max_length` (L) and truncates there, warning once per truncated
     prompt. The attention mask is passed to the encoder, so padding never influences the token
@@ -353,20 +376,10 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
             `pooler_output` of a plain `CLIPTextModel` — the state at the first EOS token.
         mask: (B, L) bool, True at real tokens (bos … eos); (B, 2L) with `token_embeddings`.
     """
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not a single string")
-    max_length = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(list(prompts), verbose=False).input_ids]
-    for prompt, n in zip(prompts, lengths):
-        if n > max_length:
-            warnings.warn(f"prompt {_short(prompt)!r} has {n} tokens, over the tokenizer limit of "
-                          f"{max_length}; it was truncated", stacklevel=2)
-    batch = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                      return_tensors="pt")
+    input_ids, mask = tokens if tokens is not None else tokenize(tokenizer, prompts)
     if device is None:
         device = next(text_encoder.parameters()).device
-    input_ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device).bool()
+    input_ids, mask = input_ids.to(device), mask.to(device)
     out = text_encoder(input_ids=input_ids, attention_mask=mask.long() if use_attention_mask else None,
                        output_hidden_states=token_embeddings or layer is not None)
     pooled = getattr(out, "text_embeds", None)
