@@ -4,6 +4,7 @@ by part, as a whole, and beside the DataLoader alone.
 
     python bench/decoder_step.py                                              # CPU, the shipped pipeline
     python bench/decoder_step.py --device cuda --batch-sizes 256 1024 --workers 12 --mixed-precision bf16
+    python bench/decoder_step.py --tiny                                      # a seconds-long smoke run
 
 Per batch size B it reports samples/s of
 - "loader": the DataLoader alone (`--workers` processes rendering scenes), the ceiling the host can feed;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -160,7 +162,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decoder_step.json"))
+    ap.add_argument("--tiny", action="store_true", help="batch 4, 1 step, no workers; JSON to the temp folder")
     args = ap.parse_args()
+    if args.tiny:
+        args.batch_sizes, args.steps, args.workers = [4], 1, 0
+        args.out = str(Path(tempfile.gettempdir()) / "decoder_step_tiny.json")
     device = torch.device(args.device)
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
     tok, text_encoder, cfg = pipe.tokenizer, pipe.text_encoder, pipe.config
