@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-steps", type=int, default=25, help="prior sampling steps")
     g.add_argument("--guidance", type=float, default=5.0, help="decoder classifier-free guidance scale")
     g.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance scale")
+    g.add_argument("--image-guidance", type=float, default=None,
+                   help="decoder guidance towards the prior's image embedding, apart from the text's "
+                        "(default: the pipeline's, else --guidance; 0: text alone)")
     g.add_argument("--negative-prompt", default=None, help="what the unconditional branch is given")
     g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler for both stages (default: the pipeline's, dpmpp_2m for our own pipelines)")
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..K-1)")
     e.add_argument("--guidance", type=float, default=5.0, help="decoder guidance scale")
     e.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale")
+    e.add_argument("--image-guidance", type=float, default=None,
+                   help="decoder guidance towards the image embedding (default: the pipeline's, else --guidance)")
     e.add_argument("--heldout", default=None,
                    help="held-out 'colour shape' pairs, comma separated (default: the pipeline's config.yaml)")
     e.add_argument("--quick", action="store_true", help="only DPM-Solver++(2M) at 20 steps, plus the ablations")
@@ -120,7 +125,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                num_inference_steps=args.steps, prior_num_inference_steps=args.prior_steps,
                guidance_scale=args.guidance, prior_guidance_scale=args.prior_guidance, sampler=args.sampler,
-               seed=args.seed, height=args.height, width=args.width, progress=not args.quiet)
+               seed=args.seed, height=args.height, width=args.width, progress=not args.quiet,
+               image_guidance_scale=args.image_guidance)
     elapsed = time.perf_counter() - start
     out_path = Path(args.out)
     if out_path.suffix.lower() == ".png":
@@ -174,7 +180,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = evaluate(pipe, items, seeds=args.seeds, settings=quick if args.quick else DEFAULT_SETTINGS,
                        ablation_setting=None if args.no_ablations else quick[0], guidance_scale=args.guidance,
-                       prior_guidance_scale=args.prior_guidance, grid_path=out / "grid.png")
+                       prior_guidance_scale=args.prior_guidance, grid_path=out / "grid.png",
+                       image_guidance_scale=args.image_guidance)
     results["pipeline"] = str(folder)
     for path in save_report(results, out):
         print(path)

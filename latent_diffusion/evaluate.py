@@ -155,8 +155,10 @@ def score_images(images: list[Image.Image], items: list[SuiteItem]) -> dict[str,
 def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT_SETTINGS,
              ablation_setting: tuple[str, str, int] | None = None, guidance_scale: float = 5.0,
              prior_guidance_scale: float = 4.0, prior_steps: int = 25, batch_size: int = 64,
-             grid_path: Path | None = None, progress: bool = True) -> dict[str, Any]:
+             grid_path: Path | None = None, progress: bool = True,
+             image_guidance_scale: float | None = None) -> dict[str, Any]:
     """Generate `seeds` images per suite prompt for every setting (and the ablations) and score them.
+    `image_guidance_scale`: the decoder's guidance towards the image embedding (None: the pipeline's default).
 
     Image k of prompt p uses seed k, so settings and ablations see the same starting noise."""
     if pipe.image_encoder is None:
@@ -177,7 +179,8 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
             out = pipe([i.prompt for i in expanded[lo:hi]], generator=gens, sampler=sampler,
                        num_inference_steps=steps, prior_num_inference_steps=prior_steps,
                        guidance_scale=guidance_scale, prior_guidance_scale=prior_guidance_scale,
-                       image_embeds=None if image_embeds is None else image_embeds[lo:hi], progress=False)
+                       image_embeds=None if image_embeds is None else image_embeds[lo:hi], progress=False,
+                       image_guidance_scale=image_guidance_scale)
             images += out.images
         return images
 
@@ -187,7 +190,9 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
         return {**score_images(images, expanded), "fd_clip": frechet_distance(embeds, real_embeds),
                 "clip_score": 100 * cos, "seconds": seconds}
 
+    image_scale = image_guidance_scale if image_guidance_scale is not None else pipe.config.image_guidance_scale
     results: dict[str, Any] = {"num_prompts": len(items), "seeds": seeds, "guidance_scale": guidance_scale,
+                               "image_guidance_scale": image_scale if image_scale is not None else guidance_scale,
                                "prior_guidance_scale": prior_guidance_scale, "samplers": {}, "ablations": {}}
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
     results["real_images"] = {**score_images(real, expanded), "clip_score": 100 * real_text_cos}
@@ -280,7 +285,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         return "| " + " | ".join(cells) + " |"
 
     lines = [f"{results['num_prompts']} prompts × {results['seeds']} seeds; decoder guidance "
-             f"{results['guidance_scale']}, prior guidance {results['prior_guidance_scale']}.", "",
+             f"{results['guidance_scale']} (towards the image embedding "
+             f"{results.get('image_guidance_scale', results['guidance_scale'])}), prior guidance "
+             f"{results['prior_guidance_scale']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(row("real images (checker on renders)", results["real_images"]))
     if "vae_reconstructions" in results:

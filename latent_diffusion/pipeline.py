@@ -30,6 +30,7 @@ from latent_diffusion.diffusion import (
     NoiseSchedule,
     ScheduleConfig,
     batched_cfg,
+    batched_dual_cfg,
     clamped,
     default_sampling,
     get_sampler,
@@ -95,6 +96,9 @@ class PipelineConfig:
     # else the VP schedule that noises them, at `noise_level` unless a call names another level.
     image_noising_schedule: ScheduleConfig | None = None
     noise_level: int = 0
+    # Text-to-image calls guide the decoder towards the prior's image embedding with this scale, separately from
+    # the text's (`batched_dual_cfg`); None: the text's scale (plain guidance on text and image together).
+    image_guidance_scale: float | None = None
 
 
 @dataclass
@@ -397,12 +401,15 @@ class TextToImagePipeline:
                        generators: list[torch.Generator], shape: tuple[int, int], steps: int,
                        guidance_scale: float, sampler: str, guidance_rescale: float = 0.0,
                        latents: torch.Tensor | None = None, start: int = 0, progress: bool = False,
-                       callback: Any = None, noise_level: int | None = None) -> torch.Tensor:
+                       callback: Any = None, noise_level: int | None = None,
+                       image_guidance_scale: float | None = None) -> torch.Tensor:
         """Denoise decoder latents (B, C, h, w). `image_embeds` are CLIP image embeddings (B, D), noise-augmented
         here first when the pipeline has an image-noising schedule (their noise is drawn before the latents').
         The unconditional branch gets the negative prompt and the null (all-zero) decoder image input — what
-        conditioning dropout trained. `start` skips the first sampling steps (img2img): then `latents` are clean
-        latents noised to that step here."""
+        conditioning dropout trained. `image_guidance_scale` (None: `guidance_scale`) guides towards the image
+        embedding separately from the text (`batched_dual_cfg`: three decoder rows per image; 0 conditions on the
+        text alone). `start` skips the first sampling steps (img2img): then `latents` are clean latents noised to
+        that step here."""
         denoise = Denoiser(self.decoder, NoiseSchedule(self.config.decoder_schedule))
         clip = self.config.decoder_clip_denoised
         B = len(generators)
@@ -418,8 +425,20 @@ class TextToImagePipeline:
         def doubled(x2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:  # [uncond; cond] (2B, C, h, w)
             return denoise(x2, sigma2, text_states=states, image_embeds=both_img, text_embeds=pooled)
 
-        guided = clamped(single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale, guidance_rescale),
-                         clip)
+        image_scale = guidance_scale if image_guidance_scale is None or img_c is None else image_guidance_scale
+        if image_scale == 0.0 and img_c is not None:  # text alone: the image input is null in both rows
+            img_c, both_img = img_u, torch.cat([img_u, img_u])
+        if image_scale in (0.0, guidance_scale):
+            guided = single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale, guidance_rescale)
+        else:
+            tripled_img = torch.cat([img_u, img_u, img_c])  # [∅, ∅; text, ∅; text, image]
+
+            def tripled(x3: torch.Tensor, sigma3: torch.Tensor) -> torch.Tensor:  # (3B, C, h, w)
+                return denoise(x3, sigma3, text_states=torch.cat([uncond[0], text[0], text[0]]),
+                               image_embeds=tripled_img, text_embeds=torch.cat([uncond[1], text[1], text[1]]))
+
+            guided = batched_dual_cfg(tripled, guidance_scale, image_scale, guidance_rescale)
+        guided = clamped(guided, clip)
 
         sigmas = self._sigmas(self.config.decoder_schedule, self.config.decoder_sampling, sampler, steps)[start:]
         C = self.decoder.config.in_channels
@@ -487,11 +506,13 @@ class TextToImagePipeline:
                  guidance_rescale: float = 0.0, seed: int | None = None, generator: Generators = None,
                  latents: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                  output_type: OutputType = "pil", progress: bool = True, callback: Any = None,
-                 noise_level: int | None = None) -> PipelineOutput:
+                 noise_level: int | None = None, image_guidance_scale: float | None = None) -> PipelineOutput:
         """Generate `num_images_per_prompt` images for each prompt.
 
         The prior (when present) samples a CLIP image embedding per image, with its own steps, guidance and
         sampler; `image_embeds` (B, D) skips it. Without a prior the decoder is conditioned on the text alone.
+        `image_guidance_scale` guides the decoder towards that embedding separately from the text (`sample_latents`;
+        default: the pipeline's `PipelineConfig.image_guidance_scale`, else `guidance_scale`).
         `sampler` / `prior_sampler` default to the pipeline's configured samplers (`PipelineConfig.
         decoder_sampling` / `prior_sampling`), else "dpmpp_2m" and the decoder's. `noise_level` overrides
         `PipelineConfig.noise_level` (noise-augmented decoders only). `seed` seeds image i with seed + i;
@@ -511,6 +532,10 @@ class TextToImagePipeline:
         if self.prior is not None and image_embeds is None and prior_num_inference_steps < 1:
             raise ValueError(f"prior_num_inference_steps must be >= 1, got {prior_num_inference_steps}")
         self._noise_level(noise_level)
+        if image_guidance_scale is None:
+            image_guidance_scale = self.config.image_guidance_scale
+        if image_guidance_scale is not None and image_guidance_scale < 0:
+            raise ValueError(f"image_guidance_scale must be >= 0, got {image_guidance_scale}")
         n = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(n)]
         negatives = [p for p in negatives for _ in range(n)]
@@ -528,7 +553,7 @@ class TextToImagePipeline:
                 raise ValueError(f"image_embeds has {image_embeds.shape[0]} rows for {len(prompts)} images")
         x = self.sample_latents(text, uncond, image_embeds, gens, shape, num_inference_steps, guidance_scale,
                                 sampler, guidance_rescale, latents=latents, progress=progress, callback=callback,
-                                noise_level=noise_level)
+                                noise_level=noise_level, image_guidance_scale=image_guidance_scale)
         return PipelineOutput(self.decode_latents(x, output_type), image_embeds)
 
     def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
@@ -543,7 +568,8 @@ class TextToImagePipeline:
         return self([prompt] * (embeds.shape[0] // num_images_per_prompt), negative_prompt=negative_prompt,
                     num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, sampler=sampler, seed=seed, generator=generator,
-                    image_embeds=embeds, output_type=output_type, progress=progress, noise_level=noise_level)
+                    image_embeds=embeds, output_type=output_type, progress=progress, noise_level=noise_level,
+                    image_guidance_scale=guidance_scale)  # the image is the point here, whatever the default
 
     @torch.no_grad()
     def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,

@@ -19,6 +19,7 @@ from latent_diffusion.diffusion import (  # noqa: E402
     NoiseSchedule,
     ScheduleConfig,
     batched_cfg,
+    batched_dual_cfg,
     cfg,
     default_sampling,
     diffusion_loss,
@@ -500,6 +501,18 @@ def test_cfg_and_batched_cfg_agree():
     out = cfg(cond, uncond, 7.5, rescale=1.0)(x, sigma)
     torch.testing.assert_close(out.std(1), (2 * x + 2).std(1))
     torch.testing.assert_close(batched_cfg(both, 7.5, rescale=0.7)(x, sigma), cfg(cond, uncond, 7.5, 0.7)(x, sigma))
+
+
+def test_dual_guidance_combines_three_rows():
+    def rows(x3, sigma3):  # [uncond; text; text + image], each a different function of x
+        u, t, f = x3.chunk(3)
+        return torch.cat([u - 1, 2 * t + sigma3[: len(t)][:, None], 3 * f])
+
+    x, sigma = torch.randn(4, 6), torch.full((4,), 2.0)
+    u, t, f = x - 1, 2 * x + 2, 3 * x
+    torch.testing.assert_close(batched_dual_cfg(rows, 5.0, 1.5)(x, sigma), u + 5.0 * (t - u) + 1.5 * (f - t))
+    plain = batched_cfg(lambda x2, s2: torch.cat([x2[: len(x)] - 1, 3 * x2[len(x):]]), 5.0, rescale=0.7)
+    torch.testing.assert_close(batched_dual_cfg(rows, 5.0, 5.0, rescale=0.7)(x, sigma), plain(x, sigma))
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

@@ -77,6 +77,44 @@ def test_given_image_embeds_skip_the_prior(tiny_pipeline):
     assert (out.images - other.images).abs().max() > 1e-4
 
 
+def test_image_guidance_apart_from_the_text(tiny_pipeline):
+    """image_guidance_scale: 0 is the text alone, the text's own scale is plain guidance, values between use three
+    decoder rows (InstructPix2Pix-style) whose order the limits check; a pipeline default applies to text-to-image
+    only."""
+    import dataclasses
+
+    embeds = torch.randn(2, 32)
+    kw = dict(num_images_per_prompt=2, seed=0, output_type="pt", guidance_scale=3.0, **FAST)
+    plain = tiny_pipeline("a red circle", image_embeds=embeds, **kw).images
+    text_alone = tiny_pipeline("a red circle", image_embeds=torch.zeros(2, 32), **kw).images
+    torch.testing.assert_close(tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=0.0,
+                                             **kw).images, text_alone, rtol=0, atol=0)
+    torch.testing.assert_close(tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=3.0,
+                                             **kw).images, plain, rtol=0, atol=0)
+    # the three-row path, at its two limits
+    near_zero = tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=1e-7, **kw).images
+    near_plain = tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=3.0 + 1e-7, **kw).images
+    torch.testing.assert_close(near_zero, text_alone, rtol=0, atol=1e-4)
+    torch.testing.assert_close(near_plain, plain, rtol=0, atol=1e-4)
+    between = tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=1.0, **kw).images
+    assert (between - plain).abs().max() > 1e-4 and (between - text_alone).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="image_guidance_scale must be >= 0, got -1"):
+        tiny_pipeline("a red circle", image_guidance_scale=-1.0, **FAST)
+
+    config = tiny_pipeline.config
+    try:
+        tiny_pipeline.config = dataclasses.replace(config, image_guidance_scale=0.0)
+        torch.testing.assert_close(tiny_pipeline("a red circle", image_embeds=embeds, **kw).images, text_alone,
+                                   rtol=0, atol=0)
+        image = Image.new("RGB", (16, 16), (200, 30, 30))
+        a = tiny_pipeline.image_variations(image, seed=0, output_type="pt", num_inference_steps=3, progress=False)
+        b = tiny_pipeline.image_variations(Image.new("RGB", (16, 16), (30, 30, 200)), seed=0, output_type="pt",
+                                           num_inference_steps=3, progress=False)
+        assert (a.images - b.images).abs().max() > 1e-4  # variations still read the image
+    finally:
+        tiny_pipeline.config = config
+
+
 def test_text_only_pipeline(tmp_path):
     pipe = build_tiny_pipeline(tmp_path, with_prior=False, with_image_encoder=False)
     out = pipe("a red circle", seed=0, output_type="pt", **FAST)

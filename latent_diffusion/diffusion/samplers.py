@@ -74,7 +74,11 @@ def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: floa
     """Classifier-free guidance u + s (c - u) (Ho & Salimans 2022, Eq. 6) on x0 predictions, then the
     guidance rescale of Lin et al. 2024, Eq. 15–16: match the std of the conditional prediction (over all
     non-batch dims) and blend with weight `rescale`."""
-    guided = uncond + scale * (cond - uncond)
+    return _rescale(uncond + scale * (cond - uncond), cond, rescale)
+
+
+def _rescale(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2024, Eq. 15–16: blend `guided` (weight `rescale`) with itself scaled to `cond`'s std."""
     if rescale > 0:
         dims = tuple(range(1, cond.ndim))
         rescaled = guided * cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
@@ -102,6 +106,20 @@ def batched_cfg(fn: DenoiserFn, scale: float, rescale: float = 0.0) -> DenoiserF
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
         uncond, cond = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra).chunk(2)  # 2 × (B, ...)
         return _guide(uncond, cond, scale, rescale)
+
+    return denoiser
+
+
+def batched_dual_cfg(fn: DenoiserFn, text_scale: float, image_scale: float, rescale: float = 0.0) -> DenoiserFn:
+    """Guidance with separate scales for two conditions (InstructPix2Pix, Brooks et al. 2023, Eq. 3), on x0:
+    u + s_T (t - u) + s_I (f - t), where u = D(x | ∅, ∅), t = D(x | text, ∅), f = D(x | text, image) come from
+    one call of `fn(x3, sigma3, **extra) -> x0` (3B, ...) on the tripled batch [u; t; f] (fn builds the tripled
+    conditioning). s_I = s_T is plain guidance towards f (`batched_cfg`); s_I = 0 ignores the image. Then the
+    guidance rescale of Lin et al. 2024 against f, as in `_guide`."""
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        uncond, text, full = fn(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), **extra).chunk(3)
+        return _rescale(uncond + text_scale * (text - uncond) + image_scale * (full - text), full, rescale)
 
     return denoiser
 
