@@ -4,6 +4,7 @@ pipeline folders."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="precision of the saved weights (loading upcasts to fp32)")
     c.add_argument("--from-diffusers", action="store_true", help="SOURCE is a diffusers StableUnCLIP(Img2Img) folder")
+    c.add_argument("--image-guidance", type=float, default=None,
+                   help="record this as the pipeline's default decoder guidance towards the image embedding "
+                        "(PipelineConfig.image_guidance_scale; default: keep the source's)")
     return parser
 
 
@@ -202,6 +206,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"convert writes a new folder; {dest} is the source")
     pipe = (TextToImagePipeline.from_diffusers(source) if args.from_diffusers
             else TextToImagePipeline.from_pretrained(source))
+    if args.image_guidance is not None:
+        if args.image_guidance < 0:
+            raise ValueError(f"--image-guidance must be >= 0, got {args.image_guidance}")
+        pipe.config = dataclasses.replace(pipe.config, image_guidance_scale=args.image_guidance)
     pipe.save_pretrained(dest, dtype=None if args.dtype == "float32" else getattr(torch, args.dtype))
     if (source / "config.yaml").is_file():  # the training recipe (held-out pairs for `evaluate`)
         shutil.copy(source / "config.yaml", dest / "config.yaml")

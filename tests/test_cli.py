@@ -55,3 +55,7 @@ def test_convert_to_half_precision(tiny_pipeline_dir, tmp_path):
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "half")
     assert pipe.dtype == torch.float32
     assert main(["convert", str(tiny_pipeline_dir), str(tiny_pipeline_dir)]) == 2  # refuses to overwrite itself
+    assert pipe.config.image_guidance_scale is None
+    assert main(["convert", str(tmp_path / "half"), str(tmp_path / "ig"), "--image-guidance", "0.5"]) == 0
+    assert TextToImagePipeline.from_pretrained(tmp_path / "ig").config.image_guidance_scale == 0.5
+    assert main(["convert", str(tmp_path / "half"), str(tmp_path / "bad"), "--image-guidance", "-1"]) == 2
