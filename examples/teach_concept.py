@@ -143,10 +143,10 @@ def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int 
 
 def write_replay(folder: Path, pipeline: str, num_images: int, seed: int = 7, device: str = "cpu") -> None:
     """Prior preservation (DreamBooth, Ruiz et al. 2023, §4.2): `num_images` images the *base* pipeline generates for
-    ordinary one- and two-object captions, added to the imagefolder (`replay-*.png`, with no scene spec in
-    metadata.jsonl). Fine-tuning on them alongside the user's images keeps the model close to what it drew before
-    — no original training data needed. The pairs the pipeline held out of training stay out of the captions, so
-    the evaluation's held-out group stays unseen."""
+    ordinary captions of one to three objects (the scene distribution it was trained on), added to the imagefolder
+    (`replay-*.png`, with no scene spec in metadata.jsonl). Fine-tuning on them alongside the user's images keeps the
+    model close to what it drew before — no original training data needed. The pairs the pipeline held out of
+    training stay out of the captions, so the evaluation's held-out group stays unseen."""
     import torch
 
     from latent_diffusion import TextToImagePipeline
@@ -155,7 +155,7 @@ def write_replay(folder: Path, pipeline: str, num_images: int, seed: int = 7, de
     pipe = TextToImagePipeline.from_pretrained(pipeline, device=device)
     rng = np.random.default_rng([seed, 12345])
     exclude = set(heldout_pairs(Path(pipeline)))
-    captions = [caption(sample_spec(rng, exclude, max_objects=2)) for _ in range(num_images)]
+    captions = [caption(sample_spec(rng, exclude)) for _ in range(num_images)]  # 1-3 objects: rehearse all of it
     rows, batch = [], 16
     for start in range(0, num_images, batch):
         with torch.no_grad():
