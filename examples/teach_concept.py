@@ -207,10 +207,13 @@ def prompt_groups(concept: Concept, per_group: int = 16, seed: int = 1) -> dict[
 
 
 def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: int = 25, device: str = "cpu",
-             suite_seeds: int = 2, method: str = "lora", lora_scale: float = 1.0) -> dict:
+             suite_seeds: int = 2, method: str = "lora", lora_scale: float = 1.0,
+             image_guidance: float | None = None) -> dict:
     """Checker pass rate and concept accuracy per group, base vs fine-tuned ("tuned": the LoRA loaded at
     `lora_scale`, or the full fine-tune's pipeline), same prompts and seeds; then the original suite's pass rate
-    for both (forgetting). A LoRA scale below 1 trades concept strength for retention, without retraining."""
+    for both (forgetting). A LoRA scale below 1 trades concept strength for retention, without retraining;
+    `image_guidance` overrides both pipelines' decoder guidance towards the prior's image embedding (a concept the
+    prior learned reaches the images through it)."""
     import torch
 
     from latent_diffusion import TextToImagePipeline
@@ -219,7 +222,9 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
     from latent_diffusion.evaluate import prompt_suite
     from latent_diffusion.lora import load_lora, unload_lora
 
-    folder = out / ("eval" if lora_scale == 1.0 or method != "lora" else f"eval-scale{lora_scale:g}")
+    tags = ([f"scale{lora_scale:g}"] if lora_scale != 1.0 and method == "lora" else []) + \
+        ([f"ig{image_guidance:g}"] if image_guidance is not None else [])
+    folder = out / "-".join(["eval", *tags])
     folder.mkdir(parents=True, exist_ok=True)
     pipe = TextToImagePipeline.from_pretrained(pipeline, device=device)
     groups = prompt_groups(concept)
@@ -228,6 +233,8 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
     results: dict = {"concept": concept.name, "method": method, "groups": {}, "suite": {}}
     if method == "lora":
         results["lora_scale"] = lora_scale
+    results["image_guidance_scale"] = image_guidance if image_guidance is not None else \
+        pipe.config.image_guidance_scale
     for model in ("base", "tuned"):
         if model == "tuned" and method == "lora":
             load_lora(pipe, out / "lora", scale=lora_scale)
@@ -237,7 +244,8 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
             prompts = [caption(s) for s in specs]
             with torch.no_grad():
                 images = pipe(prompts, num_images_per_prompt=seeds, num_inference_steps=steps,
-                              prior_num_inference_steps=steps, seed=0, progress=False).images
+                              prior_num_inference_steps=steps, seed=0, progress=False,
+                              image_guidance_scale=image_guidance).images
             checks = [check(im, specs[i // seeds], **concept.check_kwargs()) for i, im in enumerate(images)]
             results["groups"].setdefault(group, {})[model] = {
                 "pass_rate": float(np.mean([c.passed for c in checks])),
@@ -247,7 +255,7 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
             make_grid(images, columns=seeds * 4).save(folder / f"{group.replace(' ', '_')}-{name}.png")
         with torch.no_grad():
             scored = evaluate_suite(pipe, suite, seeds=suite_seeds, settings=(("DPM-Solver++(2M) 20", "dpmpp_2m", 20),),
-                                    progress=False)
+                                    progress=False, image_guidance_scale=image_guidance)
         results["suite"][model] = scored["samplers"]["DPM-Solver++(2M) 20"]["pass_rate"]
     if method == "lora":
         unload_lora(pipe)
@@ -290,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=4, help="evaluation images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="evaluation sampling steps")
     parser.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="evaluation device")
+    parser.add_argument("--image-guidance", type=float, default=None,
+                        help="evaluate: decoder guidance towards the prior's image embedding for both pipelines "
+                             "(default: each pipeline's own); results in OUT/eval-igG/")
     parser.add_argument("--lora-scale", type=float, default=1.0,
                         help="evaluate the LoRA at this scale (results in OUT/eval-scaleS when not 1)")
     args = parser.parse_args(argv)
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         train(args.pipeline, out, concept, args.accelerate_args, extra, args.method)
     if args.step in ("evaluate", "all"):
         evaluate(args.pipeline, out, concept, args.seeds, args.steps, args.device, method=args.method,
-                 lora_scale=args.lora_scale)
+                 lora_scale=args.lora_scale, image_guidance=args.image_guidance)
 
 
 def _has_cuda() -> bool:
