@@ -324,7 +324,8 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], stacklevel: int = 2
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) and mask (B, L) bool (True at bos … eos) of `prompts`, padded to and truncated at
     L = `tokenizer.model_max_length`, warning once per truncated prompt. One tokenizer pass (a second only for
     the prompts that are too long), cheap enough to run in DataLoader workers (`training.common.TokenizingCollate`).
@@ -337,7 +338,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[to
     long = [i for i, row in enumerate(ids) if len(row) > max_length]
     for i in long:
         warnings.warn(f"prompt {_short(prompts[i])!r} has {len(ids[i])} tokens, over the tokenizer limit of "
-                      f"{max_length}; it was truncated", stacklevel=2)
+                      f"{max_length}; it was truncated", stacklevel=stacklevel)
     if long:  # the tokenizer's own truncation (which keeps the end-of-text token) for those rows
         cut = tokenizer([prompts[i] for i in long], padding="max_length", truncation=True, max_length=max_length)
         for j, i in enumerate(long):
@@ -376,7 +377,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Modul
             `pooler_output` of a plain `CLIPTextModel` — the state at the first EOS token.
         mask: (B, L) bool, True at real tokens (bos … eos); (B, 2L) with `token_embeddings`.
     """
-    input_ids, mask = tokens if tokens is not None else tokenize(tokenizer, prompts)
+    input_ids, mask = tokens if tokens is not None else tokenize(tokenizer, prompts, stacklevel=3)  # warn at the caller
     if device is None:
         device = next(text_encoder.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
