@@ -97,7 +97,10 @@ def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextTo
             p = vae.encode(pixels)
             return p.mean + p.std * torch.randn_like(p.std)
 
-    features = {**text(), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
+    def all_features(pretokenized: bool = True) -> dict:
+        return {**text(pretokenized), "image_embeds": image()["image_embeds"], "latents": vae.to_latents(vae_encode())}
+
+    features = all_features()
 
     def forward_backward(f: dict = features) -> None:
         rnd = StepRandom(0, state["step"], 0, 0, 1, B, device)
@@ -128,9 +131,7 @@ def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextTo
             if cached:
                 forward_backward()
             else:
-                f = {**text(pretokenized), "image_embeds": image()["image_embeds"],
-                     "latents": vae.to_latents(vae_encode())}
-                forward_backward(f)
+                forward_backward(all_features(pretokenized))
             update()
             ema.update(unet)
 

@@ -190,9 +190,8 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
         return {**score_images(images, expanded), "fd_clip": frechet_distance(embeds, real_embeds),
                 "clip_score": 100 * cos, "seconds": seconds}
 
-    image_scale = image_guidance_scale if image_guidance_scale is not None else pipe.config.image_guidance_scale
     results: dict[str, Any] = {"num_prompts": len(items), "seeds": seeds, "guidance_scale": guidance_scale,
-                               "image_guidance_scale": image_scale if image_scale is not None else guidance_scale,
+                               "image_guidance_scale": pipe.image_guidance(image_guidance_scale, guidance_scale),
                                "prior_guidance_scale": prior_guidance_scale, "samplers": {}, "ablations": {}}
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
     results["real_images"] = {**score_images(real, expanded), "clip_score": 100 * real_text_cos}

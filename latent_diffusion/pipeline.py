@@ -532,9 +532,8 @@ class TextToImagePipeline:
         if self.prior is not None and image_embeds is None and prior_num_inference_steps < 1:
             raise ValueError(f"prior_num_inference_steps must be >= 1, got {prior_num_inference_steps}")
         self._noise_level(noise_level)
-        if image_guidance_scale is None:
-            image_guidance_scale = self.config.image_guidance_scale
-        if image_guidance_scale is not None and image_guidance_scale < 0:
+        image_guidance_scale = self.image_guidance(image_guidance_scale, guidance_scale)
+        if image_guidance_scale < 0:
             raise ValueError(f"image_guidance_scale must be >= 0, got {image_guidance_scale}")
         n = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(n)]
@@ -555,6 +554,14 @@ class TextToImagePipeline:
                                 sampler, guidance_rescale, latents=latents, progress=progress, callback=callback,
                                 noise_level=noise_level, image_guidance_scale=image_guidance_scale)
         return PipelineOutput(self.decode_latents(x, output_type), image_embeds)
+
+    def image_guidance(self, image_guidance_scale: float | None, guidance_scale: float) -> float:
+        """The decoder's guidance towards the image embedding that a text-to-image call uses: `image_guidance_scale`,
+        else the pipeline's `PipelineConfig.image_guidance_scale`, else `guidance_scale` (plain guidance)."""
+        for scale in (image_guidance_scale, self.config.image_guidance_scale):
+            if scale is not None:
+                return scale
+        return guidance_scale
 
     def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
                          guidance_scale: float = 5.0, sampler: str | None = None, seed: int | None = None,

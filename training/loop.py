@@ -411,7 +411,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline, done):
             end = done
         saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
-        if done % oc.log_every == 0 or done == end or saving or done == stage.max_steps:
+        if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
             _stop_if_not_finite(stage, bad_step, last_good, bar)
         if acc.is_main_process and (done % oc.log_every == 0 or done == end):
             record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
