@@ -69,7 +69,8 @@ def cpu_model() -> str:
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Facts every published figure needs: machine, library versions, threads, date and the exact command."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

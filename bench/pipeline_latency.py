@@ -8,8 +8,9 @@ One prompt, `--images` images, `--steps` decoder steps (and as many prior steps)
 on both (the defaults of `TextToImagePipeline.__call__`). Time inside each component is measured with forward
 hooks on the component modules (the text encoder, the prior, the decoder UNet, the VAE decoder), so the split
 holds whatever the pipeline's internals look like; "other" is the rest of the wall time (tokenizer, sampler
-arithmetic, image conversion). Two settings are interleaved: the eager default and `speed.apply_speed`
-(channels_last + fused q/k/v) on the decoder, VAE and prior.
+arithmetic, image conversion). Three settings are interleaved: the eager default; "cl+fuse" (`speed.apply_speed`:
+channels_last + fused q/k/v on the decoder and VAE, fused q/k/v on the prior); "cl+fuse+onednn+up" (those, plus
+`speed.onednn_linear` on every component and `speed.transposed_upsample` on the decoder and VAE).
 
 Without a pipeline folder a random one is built with the sizes of configs/shapes/base.yaml (timing does not
 depend on the weights).
@@ -125,12 +126,18 @@ def components(pipe: TextToImagePipeline) -> dict[str, list[torch.nn.Module]]:
     return {k: v for k, v in out.items() if v}
 
 
-def with_switches(pipe: TextToImagePipeline) -> TextToImagePipeline:
+def with_switches(pipe: TextToImagePipeline, onednn: bool) -> TextToImagePipeline:
+    """A copy of `pipe` with channels_last + fused q/k/v (decoder, VAE; fused q/k/v on the prior) and, when
+    `onednn`, oneDNN linears on every component and transposed-convolution upsampling (decoder, VAE)."""
     fast = copy.copy(pipe)
-    fast.decoder = speed.apply_speed(copy.deepcopy(pipe.decoder), channels_last=True, fuse=True)
-    fast.vae = speed.apply_speed(copy.deepcopy(pipe.vae), channels_last=True, fuse=True)
+    fast.decoder = speed.apply_speed(copy.deepcopy(pipe.decoder), channels_last=True, fuse=True, onednn=onednn,
+                                     upsample=onednn)
+    fast.vae = speed.apply_speed(copy.deepcopy(pipe.vae), channels_last=True, fuse=True, onednn=onednn,
+                                 upsample=onednn)
     if pipe.prior is not None:
-        fast.prior = speed.fuse_qkv(copy.deepcopy(pipe.prior))
+        fast.prior = speed.apply_speed(copy.deepcopy(pipe.prior), fuse=True, onednn=onednn)
+    if onednn:
+        fast.text_encoder = speed.onednn_linear(copy.deepcopy(pipe.text_encoder))
     return fast
 
 
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pipe = random_pipeline(args.config, Path(tmp), tiny=args.tiny)
     if args.tiny:
         pipe.config = replace(pipe.config, sample_size=32)
-    settings = {"eager default": pipe, "switches": with_switches(pipe)}
+    settings = {"eager default": pipe, "cl+fuse": with_switches(pipe, onednn=False),
+                "cl+fuse+onednn+up": with_switches(pipe, onednn=True)}
     timers = {name: ComponentTimer(components(p)) for name, p in settings.items()}
     n_params = {k: sum(p.numel() for m in v for p in m.parameters()) / 1e6 for k, v in components(pipe).items()}
 
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run(p)
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in settings}
     for r in range(args.repeats):
-        for name in list(settings)[r % 2:] + list(settings)[:r % 2]:
+        for name in list(settings)[r % len(settings):] + list(settings)[:r % len(settings)]:
             timers[name].reset()
             wall = run(settings[name])
             split = {k: v * 1e3 for k, v in timers[name].totals.items()}
@@ -191,10 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = list(components(pipe)) + ["other", "total"]
     median = {s: {k: statistics.median(x[k] for x in samples[s]) for k in parts} for s in settings}
     calls = dict(timers["eager default"].calls)
-    rows = [[k, f"{n_params[k]:.2f}M" if k in n_params else "", calls.get(k, ""),
-             median["eager default"][k], median["switches"][k], median["switches"][k] / median["eager default"][k]]
-            for k in parts]
-    table = markdown_table(["component", "params", "calls", "eager default ms", "switches ms", "ratio"], rows)
+    base = median["eager default"]
+    rows = [[k, f"{n_params[k]:.2f}M" if k in n_params else "", calls.get(k, ""), base[k]]
+            + [f"{median[s][k]:.1f} (**{median[s][k] / base[k]:.2f}**)" for s in list(settings)[1:]] for k in parts]
+    table = markdown_table(["component", "params", "calls", "eager default ms"]
+                           + [f"{s} ms (ratio)" for s in list(settings)[1:]], rows)
     info = machine_info()
     print(f"\n{source}; {args.images} images, {args.steps} decoder and prior steps, CFG; {info['cpu']}, "
           f"{info['torch_threads']} threads, torch {info['torch']}; median of {args.repeats} repeats\n")

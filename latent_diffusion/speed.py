@@ -2,7 +2,8 @@
 plain; each function here changes how an existing model runs, never what it computes beyond float rounding.
 
     from latent_diffusion import speed
-    unet = speed.apply_speed(unet, channels_last=True, fuse_qkv=True)        # CPU and GPU
+    unet = speed.apply_speed(unet, channels_last=True, fuse=True)            # CPU and GPU
+    unet = speed.onednn_linear(unet)                                           # CPU: GEMMs through oneDNN
     unet = speed.compile_blocks(unet)                                          # regional torch.compile
     with speed.bf16_autocast("cuda"):                                          # GPU mixed precision
         ...
@@ -24,9 +25,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.layers import Attention, AttentionBackend, ResBlock, set_attention_backend
+from latent_diffusion.layers import Attention, AttentionBackend, ResBlock, Upsample, set_attention_backend
 
 # --- channels_last -----------------------------------------------------------------------------------------
 
@@ -171,6 +173,76 @@ def _join_state(target: str) -> Callable[..., None]:
     return hook
 
 
+# --- oneDNN linear layers (CPU) -----------------------------------------------------------------------------
+# Below these sizes MKL's own GEMM is as fast or faster (measured on the development CPU, BENCHMARKS.md).
+ONEDNN_MIN_ROWS = 256
+ONEDNN_MIN_MACS = 1 << 23
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` that runs fp32 CPU GEMMs as a 1×1 convolution through oneDNN.
+
+    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N). The M = x.numel() / K rows of x, viewed as
+    a (1, K, M, 1) image in channels_last order, are the same buffer (no copy), and so is the (1, N, M, 1)
+    channels_last output: oneDNN computes exactly the GEMM x @ weight.T + bias, forward and backward. Why: on
+    CPUs where MKL's sgemm takes its AVX2 path (e.g. AMD EPYC, even with AVX-512), oneDNN's AVX-512 kernels
+    are up to 2× faster. Anything else (other devices or dtypes, small GEMMs, torch.compile tracing) goes to
+    `F.linear`."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or rows < ONEDNN_MIN_ROWS or rows * K * weight.shape[0] < ONEDNN_MIN_MACS
+            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+        return F.linear(x, weight, bias)
+    image = x.reshape(1, rows, 1, K).permute(0, 3, 1, 2)  # (1, K, M, 1), channels_last strides
+    out = F.conv2d(image, weight[:, :, None, None], bias)  # (1, N, M, 1), channels_last
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` whose forward is `speed.linear` (same parameters and state dict); see `onednn_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def onednn_linear(model: nn.Module) -> nn.Module:
+    """Run the fp32 CPU GEMMs of every `nn.Linear` of `model` (ours, and transformers' CLIP) through oneDNN
+    (`speed.linear`): each plain `nn.Linear` becomes an `OneDNNLinear`, in place. Parameters, state-dict keys
+    and results (to float rounding) are unchanged, so optimizers, EMA, checkpoints, LoRA and fused q/k/v
+    (apply it after `fuse_qkv`) work as before; on GPUs and in other dtypes it changes nothing. Returns
+    `model`; `default_linear` undoes it."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return model
+
+
+def default_linear(model: nn.Module) -> nn.Module:
+    """Undo `onednn_linear`: every `OneDNNLinear` of `model` becomes a plain `nn.Linear` again. Returns `model`."""
+    for m in model.modules():
+        if type(m) is OneDNNLinear:
+            m.__class__ = nn.Linear
+    return model
+
+
+# --- upsampling as a transposed convolution ---------------------------------------------------------------
+
+
+def transposed_upsample(model: nn.Module, min_size: int | None = 8) -> nn.Module:
+    """Compute every `layers.Upsample` (nearest ×2, then 3×3 convolution) of `model` whose input is at least
+    `min_size` pixels on each side as one stride-2 transposed convolution (`layers.phase_kernel`): the same
+    function with 16/36 of the multiply-adds, forward and backward. Below 8×8 inputs oneDNN's transposed
+    convolution is slower than the plain path on the development CPU (BENCHMARKS.md), hence the default.
+    `min_size=None` switches it off again. Parameters and state dicts are unchanged. Returns `model`."""
+    if min_size is not None and min_size < 1:
+        raise ValueError(f"min_size={min_size} must be a positive number of pixels, or None to switch off")
+    for m in model.modules():
+        if isinstance(m, Upsample):
+            m.transposed_min_size = min_size
+    return model
+
+
 # --- regional torch.compile --------------------------------------------------------------------------------
 
 
@@ -222,13 +294,19 @@ def bf16_autocast(device_type: str | torch.device, enabled: bool = True) -> torc
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = False, compile: bool = False,
-                attention_backend: AttentionBackend | None = None, **compile_kwargs: Any) -> nn.Module:
-    """Apply the chosen switches in the right order (fusion before compilation). Returns `model`."""
+def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = False, onednn: bool = False,
+                upsample: bool = False, compile: bool = False, attention_backend: AttentionBackend | None = None,
+                **compile_kwargs: Any) -> nn.Module:
+    """Apply the chosen switches in the right order (fusion, then oneDNN linears, then compilation); `upsample`
+    is `transposed_upsample` with its default size. Returns `model`."""
     if attention_backend is not None:
         set_attention_backend(model, attention_backend)
     if fuse:
         fuse_qkv(model)
+    if onednn:
+        onednn_linear(model)
+    if upsample:
+        transposed_upsample(model)
     if channels_last:
         apply_channels_last(model)
     if compile:

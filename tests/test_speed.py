@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion import speed
-from latent_diffusion.layers import Attention
+from latent_diffusion.layers import Attention, Upsample
 from latent_diffusion.models import (
     AUTOENCODER_PRESETS,
     PRIOR_PRESETS,
@@ -136,6 +136,90 @@ def test_channels_last_keeps_outputs(unet):
         assert rel_err(fast_vae.encode(x).mean, z) < 1e-5
         decoded = fast_vae.decode(z)
         assert decoded.is_contiguous() and rel_err(decoded, vae.decode(z)) < 1e-5
+
+
+def test_onednn_linear_equals_f_linear_forward_and_backward(monkeypatch):
+    calls = []
+    conv2d = speed.F.conv2d
+    monkeypatch.setattr(speed.F, "conv2d", lambda *a, **k: calls.append(a[0].shape) or conv2d(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 48, generator=g, requires_grad=True)
+    bias = torch.randn(96, generator=g, requires_grad=True)
+    # rows = 4·80 = 320 ≥ ONEDNN_MIN_ROWS and 320·48·96 MACs ≥ ONEDNN_MIN_MACS once lowered to this size
+    monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 320 * 48 * 96)
+    base = torch.randn(4, 48, 80, generator=g)
+    for x, b in [(base.transpose(1, 2).contiguous(), bias), (base.transpose(1, 2), bias),  # and a strided view
+                 (base.transpose(1, 2).contiguous(), None)]:
+        x = x.detach().requires_grad_()
+        out = speed.linear(x, weight, b)
+        ref_x = x.detach().clone().requires_grad_()
+        ref = torch.nn.functional.linear(ref_x, weight, b)
+        assert out.shape == ref.shape == (4, 80, 96) and out.is_contiguous()
+        assert rel_err(out, ref) < 1e-5
+        grad = torch.randn(out.shape, generator=g)
+        grads = torch.autograd.grad(out, [x, weight] + ([b] if b is not None else []), grad)
+        grads_ref = torch.autograd.grad(ref, [ref_x, weight] + ([b] if b is not None else []), grad)
+        assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, grads_ref))
+    assert calls == [(1, 48, 320, 1)] * 3  # every call above went through the convolution
+    speed.linear(torch.randn(2, 80, 48), weight)  # 160 rows: below ONEDNN_MIN_ROWS, plain F.linear
+    speed.linear(torch.randn(320, 47), weight[:, :47])  # below ONEDNN_MIN_MACS
+    speed.linear(torch.randn(320, 48, dtype=torch.float64), weight.double())  # not fp32
+    assert len(calls) == 3
+
+
+def test_onednn_linear_keeps_outputs_gradients_and_state(unet, monkeypatch):
+    monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)  # the tiny model's GEMMs are all small: take every one
+    monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
+    fast = speed.onednn_linear(speed.fuse_qkv(copy.deepcopy(unet)))
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is speed.OneDNNLinear for m in linears)
+    assert type(copy.deepcopy(fast).time_embed.linear_1) is speed.OneDNNLinear
+    assert list(fast.state_dict()) == list(unet.state_dict())
+    inputs = unet_inputs()
+    out_ref, out = unet(*inputs), fast(*inputs)
+    assert rel_err(out, out_ref) < 1e-5
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    assert rel_err(fast.time_embed.linear_1.weight.grad, unet.time_embed.linear_1.weight.grad) < 1e-4
+    ff_ref, ff = unet.down[1].attn[0].blocks[0].ff, fast.down[1].attn[0].blocks[0].ff
+    assert rel_err(ff.proj_in.weight.grad, ff_ref.proj_in.weight.grad) < 1e-4
+    speed.default_linear(fast)
+    assert all(type(m) is torch.nn.Linear for m in fast.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_transposed_upsample_equals_upsample_then_conv(monkeypatch):
+    torch.manual_seed(0)
+    layer = Upsample(6)
+    fast = speed.transposed_upsample(copy.deepcopy(layer), min_size=4)
+    transposed = []
+    conv_transpose2d = torch.nn.functional.conv_transpose2d
+    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d",
+                        lambda *a, **k: transposed.append(a[0].shape) or conv_transpose2d(*a, **k))
+    for shape in [(2, 6, 4, 5), (1, 6, 7, 4)]:  # odd sizes too
+        x = torch.randn(shape, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, ref = fast(x), layer(x_ref)
+        assert out.shape == ref.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
+        assert rel_err(out, ref) < 1e-5
+        grad = torch.randn(out.shape)
+        grads = torch.autograd.grad(out, [x, fast.weight, fast.bias], grad)
+        grads_ref = torch.autograd.grad(ref, [x_ref, layer.weight, layer.bias], grad)
+        assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, grads_ref))
+    assert len(transposed) == 2
+    x = torch.randn(1, 6, 3, 8)
+    assert rel_err(fast(x), layer(x)) < 1e-6 and len(transposed) == 2  # below min_size: the plain path
+    x = torch.randn(1, 6, 4, 4)
+    assert fast(x, size=(9, 9)).shape[-2:] == (9, 9) and len(transposed) == 2  # a size that is not ×2
+    assert list(fast.state_dict()) == list(layer.state_dict())
+    with pytest.raises(ValueError, match="min_size=0"):
+        speed.transposed_upsample(fast, min_size=0)
+    vae = randomize(AutoencoderKL(AUTOENCODER_PRESETS["tiny"]), 3).eval()
+    fast_vae = speed.apply_speed(copy.deepcopy(vae), upsample=True, channels_last=True)
+    speed.transposed_upsample(fast_vae, min_size=1)
+    z = torch.randn(2, vae.config.latent_channels, 8, 8)
+    with torch.no_grad():
+        assert rel_err(fast_vae.decode(z), vae.decode(z)) < 1e-5
+    assert len(transposed) > 2
 
 
 def test_compile_blocks_keeps_outputs_and_keys(unet):
