@@ -13,6 +13,16 @@ from pathlib import Path
 SHIPPED_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "shapes-64"
 
 
+FAST_HELP = ("speed switches (same images up to float rounding): on a CPU channels_last, oneDNN linear layers "
+             "and transposed-convolution upsampling; elsewhere channels_last")
+
+
+def speed_up(pipe, device):  # noqa: ANN001, ANN201 - TextToImagePipeline, torch.device
+    """The `--fast` switches for `device` (see FAST_HELP) applied to `pipe`."""
+    cpu = device.type == "cpu"
+    return pipe.apply_speed(channels_last=True, onednn=cpu, upsample=cpu)
+
+
 def default_pipeline() -> Path:
     """The shipped pipeline, found relative to the installed package (works from any directory)."""
     return Path(os.environ.get("LATENT_DIFFUSION_PIPELINE", SHIPPED_PIPELINE))
@@ -55,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", default=None, help="a LoRA adapter folder written by training.finetune")
     g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     e = sub.add_parser("evaluate", help="score prompt following on the shapes suite",
                        description="Generate the shapes prompt suite with several samplers and ablations, score every "
@@ -74,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     e.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
     e.add_argument("--suite-seed", type=int, default=0, help="seed of the prompt suite")
+    e.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     c = sub.add_parser("convert", help="re-save a pipeline (e.g. in half precision) or convert a diffusers folder",
                        description="Load a pipeline folder (ours, or a diffusers Stable unCLIP folder with "
@@ -122,9 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (folder / "model_index.json").is_file():
         print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
         return 2
-    pipe = TextToImagePipeline.from_pretrained(folder, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)
+    if args.fast:
+        speed_up(pipe, device)
     start = time.perf_counter()
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                num_inference_steps=args.steps, prior_num_inference_steps=args.prior_steps,
@@ -177,7 +192,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    pipe = TextToImagePipeline.from_pretrained(folder, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    pipe = TextToImagePipeline.from_pretrained(folder, device=device)
+    if args.fast:
+        speed_up(pipe, device)
     items = prompt_suite(args.num_prompts, args.suite_seed, heldout_pairs(folder, args.heldout))
     quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
     out = Path(args.out)

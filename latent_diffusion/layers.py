@@ -219,19 +219,20 @@ class Upsample(nn.Conv2d):
     """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution. `size` overrides the ×2 target.
     x: (B, C, H, W) -> (B, C, 2H, 2W).
 
-    `transposed_min_size` (None: off; set by `speed.transposed_upsample`) computes the same function for inputs
-    at least that large as one stride-2 transposed convolution with the 4×4 kernel `phase_kernel(weight)`:
+    `transposed_min_pixels` (None: off; set by `speed.transposed_upsample`) computes the same function, for
+    inputs of at least that many pixels B·H·W, as one stride-2 transposed convolution with the 4×4 kernel
+    `phase_kernel(weight)`:
     each output pixel of a given (row, column) parity sees only 2×2 distinct input pixels, so it costs 16
     instead of 36 multiply-adds per input pixel and channel pair (the resize-convolution / sub-pixel
     convolution identity, Odena et al. 2016; Shi et al. 2016)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 3, padding=1)
-        self.transposed_min_size: int | None = None
+        self.transposed_min_pixels: int | None = None
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         H, W = x.shape[-2:]
-        if (self.transposed_min_size is not None and min(H, W) >= self.transposed_min_size
+        if (self.transposed_min_pixels is not None and x.numel() // x.shape[-3] >= self.transposed_min_pixels
                 and (size is None or tuple(size) == (2 * H, 2 * W))):
             return F.conv_transpose2d(x, phase_kernel(self.weight).transpose(0, 1), self.bias, stride=2, padding=1)
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0,

@@ -181,6 +181,18 @@ class TextToImagePipeline:
             m.to(device=device, dtype=dtype)
         return self
 
+    def apply_speed(self, **switches: Any) -> TextToImagePipeline:
+        """`speed.apply_speed(component, **switches)` on every model component, in place; a switch that does not
+        concern a component (upsampling in the prior, say) leaves it as is. Results change by float rounding
+        only. On a CPU, `pipe.apply_speed(channels_last=True, onednn=True, upsample=True)` is what
+        `latent-diffusion generate --fast` does (BENCHMARKS.md, "Pipeline latency"). Apply after `load_lora`:
+        `fuse=True` renames the q/k/v projections a LoRA targets. Returns the pipeline."""
+        from latent_diffusion import speed
+
+        for m in self._modules().values():
+            speed.apply_speed(m, **switches)
+        return self
+
     # --- LoRA adapters (implemented in latent_diffusion.lora) ----------------------------------------
     def load_lora(self, path: str | Path, scale: float = 1.0, components: list[str] | None = None) -> list[str]:
         """Load a LoRA adapter folder written by `training.finetune`; returns the components it adapts."""

@@ -229,17 +229,18 @@ def default_linear(model: nn.Module) -> nn.Module:
 # --- upsampling as a transposed convolution ---------------------------------------------------------------
 
 
-def transposed_upsample(model: nn.Module, min_size: int | None = 8) -> nn.Module:
-    """Compute every `layers.Upsample` (nearest ×2, then 3×3 convolution) of `model` whose input is at least
-    `min_size` pixels on each side as one stride-2 transposed convolution (`layers.phase_kernel`): the same
-    function with 16/36 of the multiply-adds, forward and backward. Below 8×8 inputs oneDNN's transposed
-    convolution is slower than the plain path on the development CPU (BENCHMARKS.md), hence the default.
-    `min_size=None` switches it off again. Parameters and state dicts are unchanged. Returns `model`."""
-    if min_size is not None and min_size < 1:
-        raise ValueError(f"min_size={min_size} must be a positive number of pixels, or None to switch off")
+def transposed_upsample(model: nn.Module, min_pixels: int | None = 1024) -> nn.Module:
+    """Compute every `layers.Upsample` (nearest ×2, then 3×3 convolution) of `model` whose input holds at least
+    `min_pixels` pixels (batch × height × width) as one stride-2 transposed convolution
+    (`layers.phase_kernel`): the same function with 16/36 of the multiply-adds, forward and backward. On the
+    development CPU oneDNN's transposed convolution only pays from about 1,024 input pixels on (below, it is
+    slower than the plain path, more so under channels_last; BENCHMARKS.md), hence the default.
+    `min_pixels=None` switches it off again. Parameters and state dicts are unchanged. Returns `model`."""
+    if min_pixels is not None and min_pixels < 1:
+        raise ValueError(f"min_pixels={min_pixels} must be a positive number of pixels, or None to switch off")
     for m in model.modules():
         if isinstance(m, Upsample):
-            m.transposed_min_size = min_size
+            m.transposed_min_pixels = min_pixels
     return model
 
 

@@ -27,6 +27,39 @@ def test_generate_grid(tiny_pipeline_dir, tmp_path):
     assert rc == 0 and Image.open(tmp_path / "grid.png").size == (48, 16)
 
 
+def test_generate_fast_gives_the_same_images(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`--fast` (thresholds lowered so the tiny models take the oneDNN and transposed-upsampling paths) changes
+    the images by float rounding at most."""
+    import numpy as np
+
+    from latent_diffusion import layers, speed
+
+    monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
+    real_switch, real_linear, real_kernel = speed.transposed_upsample, speed.linear, layers.phase_kernel
+    calls = {"linear": 0, "upsample": 0}
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(speed, "transposed_upsample", lambda model, min_pixels=1024: real_switch(model, 1))
+    monkeypatch.setattr(speed, "linear", count("linear", real_linear))
+    monkeypatch.setattr(layers, "phase_kernel", count("upsample", real_kernel))
+    images = {}
+    for flags in ([], ["--fast"]):
+        out = tmp_path / f"grid{len(flags)}.png"
+        assert main(["generate", "a red circle", "--pipeline", str(tiny_pipeline_dir), "--num-images", "2",
+                     "--steps", "3", "--prior-steps", "2", "--out", str(out), "--quiet", *flags]) == 0
+        images[len(flags)] = np.asarray(Image.open(out), dtype=np.int16)
+        if not flags:
+            assert calls == {"linear": 0, "upsample": 0}
+    assert calls["linear"] > 0 and calls["upsample"] > 0
+    assert np.abs(images[1] - images[0]).max() <= 1
+
+
 def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
     """The real console script: a clear one-line error, no traceback, a non-zero exit."""
     cases = [

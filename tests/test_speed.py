@@ -190,12 +190,12 @@ def test_onednn_linear_keeps_outputs_gradients_and_state(unet, monkeypatch):
 def test_transposed_upsample_equals_upsample_then_conv(monkeypatch):
     torch.manual_seed(0)
     layer = Upsample(6)
-    fast = speed.transposed_upsample(copy.deepcopy(layer), min_size=4)
+    fast = speed.transposed_upsample(copy.deepcopy(layer), min_pixels=25)
     transposed = []
     conv_transpose2d = torch.nn.functional.conv_transpose2d
     monkeypatch.setattr(torch.nn.functional, "conv_transpose2d",
                         lambda *a, **k: transposed.append(a[0].shape) or conv_transpose2d(*a, **k))
-    for shape in [(2, 6, 4, 5), (1, 6, 7, 4)]:  # odd sizes too
+    for shape in [(2, 6, 4, 5), (1, 6, 7, 4)]:  # 40 and 28 pixels, odd sizes too
         x = torch.randn(shape, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()
         out, ref = fast(x), layer(x_ref)
@@ -207,15 +207,15 @@ def test_transposed_upsample_equals_upsample_then_conv(monkeypatch):
         assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, grads_ref))
     assert len(transposed) == 2
     x = torch.randn(1, 6, 3, 8)
-    assert rel_err(fast(x), layer(x)) < 1e-6 and len(transposed) == 2  # below min_size: the plain path
-    x = torch.randn(1, 6, 4, 4)
+    assert rel_err(fast(x), layer(x)) < 1e-6 and len(transposed) == 2  # 24 pixels: the plain path
+    x = torch.randn(2, 6, 4, 4)
     assert fast(x, size=(9, 9)).shape[-2:] == (9, 9) and len(transposed) == 2  # a size that is not ×2
     assert list(fast.state_dict()) == list(layer.state_dict())
-    with pytest.raises(ValueError, match="min_size=0"):
-        speed.transposed_upsample(fast, min_size=0)
+    with pytest.raises(ValueError, match="min_pixels=0"):
+        speed.transposed_upsample(fast, min_pixels=0)
     vae = randomize(AutoencoderKL(AUTOENCODER_PRESETS["tiny"]), 3).eval()
     fast_vae = speed.apply_speed(copy.deepcopy(vae), upsample=True, channels_last=True)
-    speed.transposed_upsample(fast_vae, min_size=1)
+    speed.transposed_upsample(fast_vae, min_pixels=1)
     z = torch.randn(2, vae.config.latent_channels, 8, 8)
     with torch.no_grad():
         assert rel_err(fast_vae.decode(z), vae.decode(z)) < 1e-5

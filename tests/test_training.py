@@ -401,6 +401,41 @@ def test_compile_switch_compiles_every_block_and_trains_the_same(tmp_path, monke
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_speed_switches_train_the_same(tmp_path, monkeypatch):
+    """`optim.onednn_linear` and `optim.transposed_upsample` (thresholds lowered so the micro VAE takes both
+    paths) train to the weights of the plain run."""
+    from accelerate.state import AcceleratorState
+
+    from latent_diffusion import speed
+    from latent_diffusion.layers import Upsample
+    from training import train_vae
+
+    monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
+    real, switched = speed.transposed_upsample, []
+
+    def every_size(model, min_pixels=1024):
+        switched.append(model)
+        return real(model, min_pixels=1)
+
+    monkeypatch.setattr(speed, "transposed_upsample", every_size)
+    common = ["--config", MICRO, "--max-steps", "2"]
+    train_vae.main([*common, "--output-dir", str(tmp_path / "fast"), "--vae.optim.onednn_linear", "true",
+                    "--vae.optim.transposed_upsample", "true"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    train_vae.main([*common, "--output-dir", str(tmp_path / "plain")])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert len(switched) == 1
+    upsamples = [m for m in switched[0].modules() if isinstance(m, Upsample)]
+    assert upsamples and all(m.transposed_min_pixels == 1 for m in upsamples)
+    linears = [m for m in switched[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is speed.OneDNNLinear for m in linears)
+    a, b = weights(tmp_path / "fast", "vae"), weights(tmp_path / "plain", "vae")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp_bf16_keeps_float_timesteps_exact(tmp_path):
     """Under bf16 the sharded model computes with bf16 weights, but its inputs are not cast: timestep 257 stays
     257 (bf16 would round it to 256)."""

@@ -42,6 +42,8 @@ class OptimConfig:
     num_workers: int = 0
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of the model's blocks (speed.compile_blocks): for GPUs
+    onednn_linear: bool = False  # fp32 CPU Linear GEMMs through oneDNN (speed.onednn_linear): for CPUs
+    transposed_upsample: bool = False  # ×2 upsampling + conv as one transposed conv (speed.transposed_upsample)
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
