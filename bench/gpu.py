@@ -10,7 +10,9 @@ Sections, in order of priority (each is skipped, and says so, once `--budget-s` 
    ours + switches replayed as a CUDA graph (`speed.capture_cuda_graph`), diffusers (interleaved, median).
 3. training: one step at batch 16 on 64×64×4 latents (bf16 autocast, fp32 weights, MSE loss, fused AdamW):
    samples/s, MFU (FLOPs of one step counted with torch.utils.flop_counter.FlopCounterMode), peak memory —
-   with and without gradient checkpointing, ours + switches and diffusers.
+   with and without gradient checkpointing, ours + switches and diffusers; with `--train-compile` also both
+   under whole-model `torch.compile` (no checkpointing; the compile time is reported, the FLOPs are the eager
+   model's).
 4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain and channels_last) and diffusers.
 5. compiled inference: whole-model `torch.compile` on ours + fused q/k/v and on diffusers (like for like), then
    regional `speed.compile_blocks` on ours + switches, at batch 1 then 8 (`--compiled`, `--compiled-batches`),
@@ -173,36 +175,44 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
     from torch.utils.flop_counter import FlopCounterMode
 
     impls = ["ours+switches"] + (["diffusers"] if diffusers else [])
+    if args.train_compile:  # whole-model torch.compile on both, like for like; no checkpointing rows
+        impls += [f"{impl}+compile" for impl in impls]
     rows, flops = [], {}
     for impl in impls:
-        for ckpt in (False, True):
-            if budget.left() < 45:
+        base = impl.removesuffix("+compile")
+        for ckpt in (False, True) if impl == base else (False,):
+            if budget.left() < (120 if impl != base else 45):
                 notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
                 continue
             ours, ref = build_unets(config, device, torch.float32)
-            model = ref if impl == "diffusers" else speed.apply_speed(ours, channels_last=True, fuse=True)
+            model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=True, fuse=True)
             del ours, ref
             model.train()
             if ckpt:
                 model.enable_gradient_checkpointing()
+            if impl != base:  # --tiny only traces with dynamo (backend="eager"): the logic without C++ builds
+                model = torch.compile(model, **({"backend": "eager"} if args.tiny else {}))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            step, opt = train_step_fn(model, impl == "diffusers", device, args.train_batch, args.latent,
+            step, opt = train_step_fn(model, base == "diffusers", device, args.train_batch, args.latent,
                                       args.tokens, config.context_dim)
-            step()
-            if not ckpt and impl not in flops:  # model FLOPs (no recomputation), counted on a real step
+            start = time.perf_counter()
+            step()  # compiles, for a compiled model
+            compile_s = time.perf_counter() - start if impl != base else None
+            if not ckpt and impl == base and impl not in flops:  # model FLOPs (no recomputation), on a real step
                 with FlopCounterMode(display=False) as counter:
                     step()
                 flops[impl] = counter.get_total_flops()
             timing = interleaved({impl: step}, repeats=args.train_repeats, iters=args.train_iters, warmup=1,
                                  device=device)[impl]
             step_s = timing["median_ms"] / 1e3
-            useful = flops.get(impl, flops.get("ours+switches", 0))
+            useful = flops.get(base, flops.get("ours+switches", 0))  # compiled: the eager model's FLOPs
             peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append({"impl": impl, "gradient_checkpointing": ckpt, "ms_per_step": timing["median_ms"],
                          "samples_per_s": args.train_batch / step_s, "tflops_per_step": useful / 1e12,
-                         "mfu": useful / step_s / (peak_tflops * 1e12), "peak_mem_gib": peak_mem})
+                         "mfu": useful / step_s / (peak_tflops * 1e12), "peak_mem_gib": peak_mem,
+                         "compile_s": compile_s})
             print(f"  training {impl} ckpt={ckpt}: {timing['median_ms']:.1f} ms/step, "
                   f"{args.train_batch / step_s:.1f} samples/s, MFU {rows[-1]['mfu']:.3f}, "
                   f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB", flush=True)
@@ -288,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "vae", "compiled"])
     parser.add_argument("--compiled", nargs="*", default=["full", "blocks"], choices=["full", "blocks"],
                         help="compiled section: whole-model torch.compile (as diffusers) and regional compile_blocks")
+    parser.add_argument("--train-compile", action="store_true",
+                        help="training section: also whole-model torch.compile on ours and diffusers (MFU)")
     parser.add_argument("--compiled-batches", nargs="*", type=int, default=None,
                         help="batches of the compiled section (default: those of the inference section)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
@@ -340,9 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(markdown_table(["batch (CFG ×2)", "impl", "it/s", "max rel diff"],
                              [[r["batch"], r["impl"], r["it_per_s"], r["max_rel_diff"]] for r in results["inference"]]))
     if results.get("training"):
-        print(markdown_table(["impl", "grad ckpt", "ms/step", "samples/s", "MFU", "peak GiB"],
+        print(markdown_table(["impl", "grad ckpt", "ms/step", "samples/s", "MFU", "peak GiB", "compile s"],
                              [[r["impl"], r["gradient_checkpointing"], r["ms_per_step"], r["samples_per_s"], r["mfu"],
-                               r["peak_mem_gib"]] for r in results["training"]]))
+                               r["peak_mem_gib"], r.get("compile_s")] for r in results["training"]]))
     if results.get("vae"):
         print(markdown_table(["VAE decode", "ms", "max rel diff"],
                              [[r["impl"], r["ms"], r["max_rel_diff"]] for r in results["vae"]]))

@@ -9,8 +9,9 @@ on both (the defaults of `TextToImagePipeline.__call__`). Time inside each compo
 hooks on the component modules (the text encoder, the prior, the decoder UNet, the VAE decoder), so the split
 holds whatever the pipeline's internals look like; "other" is the rest of the wall time (tokenizer, sampler
 arithmetic, image conversion). Three settings are interleaved: the eager default; "cl+fuse" (`speed.apply_speed`:
-channels_last + fused q/k/v on the decoder and VAE, fused q/k/v on the prior); "cl+fuse+onednn+up" (those, plus
-`speed.onednn_linear` on every component and `speed.transposed_upsample` on the decoder and VAE).
+channels_last + fused q/k/v on the decoder and VAE, fused q/k/v on the prior); "--fast" (what `latent-diffusion
+generate --fast` applies on a CPU: channels_last, `speed.onednn_linear` and `speed.transposed_upsample` on every
+component, through `TextToImagePipeline.apply_speed`).
 
 Without a pipeline folder a random one is built with the sizes of configs/shapes/base.yaml (timing does not
 depend on the weights).
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_table, write_json  # noqa: E402
 
 from latent_diffusion import speed  # noqa: E402
+from latent_diffusion.cli import speed_up  # noqa: E402
 from latent_diffusion.pipeline import TextToImagePipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,19 +128,19 @@ def components(pipe: TextToImagePipeline) -> dict[str, list[torch.nn.Module]]:
     return {k: v for k, v in out.items() if v}
 
 
-def with_switches(pipe: TextToImagePipeline, onednn: bool) -> TextToImagePipeline:
-    """A copy of `pipe` with channels_last + fused q/k/v (decoder, VAE; fused q/k/v on the prior) and, when
-    `onednn`, oneDNN linears on every component and transposed-convolution upsampling (decoder, VAE)."""
+def with_switches(pipe: TextToImagePipeline) -> TextToImagePipeline:
+    """A copy of `pipe` with channels_last + fused q/k/v on the decoder and VAE and fused q/k/v on the prior."""
     fast = copy.copy(pipe)
-    fast.decoder = speed.apply_speed(copy.deepcopy(pipe.decoder), channels_last=True, fuse=True, onednn=onednn,
-                                     upsample=onednn)
-    fast.vae = speed.apply_speed(copy.deepcopy(pipe.vae), channels_last=True, fuse=True, onednn=onednn,
-                                 upsample=onednn)
+    fast.decoder = speed.apply_speed(copy.deepcopy(pipe.decoder), channels_last=True, fuse=True)
+    fast.vae = speed.apply_speed(copy.deepcopy(pipe.vae), channels_last=True, fuse=True)
     if pipe.prior is not None:
-        fast.prior = speed.apply_speed(copy.deepcopy(pipe.prior), fuse=True, onednn=onednn)
-    if onednn:
-        fast.text_encoder = speed.onednn_linear(copy.deepcopy(pipe.text_encoder))
+        fast.prior = speed.fuse_qkv(copy.deepcopy(pipe.prior))
     return fast
+
+
+def with_fast(pipe: TextToImagePipeline) -> TextToImagePipeline:
+    """A copy of `pipe` with the switches of `latent-diffusion generate --fast` for the CPU."""
+    return speed_up(copy.deepcopy(pipe), torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pipe = random_pipeline(args.config, Path(tmp), tiny=args.tiny)
     if args.tiny:
         pipe.config = replace(pipe.config, sample_size=32)
-    settings = {"eager default": pipe, "cl+fuse": with_switches(pipe, onednn=False),
-                "cl+fuse+onednn+up": with_switches(pipe, onednn=True)}
+    settings = {"eager default": pipe, "cl+fuse": with_switches(pipe), "--fast": with_fast(pipe)}
     timers = {name: ComponentTimer(components(p)) for name, p in settings.items()}
     n_params = {k: sum(p.numel() for m in v for p in m.parameters()) / 1e6 for k, v in components(pipe).items()}
 
