@@ -436,6 +436,16 @@ def test_cpu_speed_switches_train_the_same(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_onednn_switch_reaches_the_frozen_clip_towers(one_process_run):
+    from latent_diffusion import speed
+    from training.common import load_clip
+
+    for onednn in (False, True):
+        _, text, image = load_clip(one_process_run, torch.device("cpu"), onednn=onednn)
+        linears = [m for tower in (text, image) for m in tower.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all((type(m) is speed.OneDNNLinear) == onednn for m in linears)
+
+
 def test_fsdp_bf16_keeps_float_timesteps_exact(tmp_path):
     """Under bf16 the sharded model computes with bf16 weights, but its inputs are not cast: timestep 257 stays
     257 (bf16 would round it to 256)."""

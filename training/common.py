@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from latent_diffusion import speed
 from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from training.config import DataConfig
 
@@ -46,8 +47,9 @@ def dataset_captions(dataset: Dataset, limit: int | None = None) -> list[str]:
     return [dataset[i]["caption"] for i in range(n)]
 
 
-def load_clip(output_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
-    """The frozen tokenizer, text encoder and image encoder written by `train_clip`."""
+def load_clip(output_dir: Path, device: torch.device, onednn: bool = False) -> tuple[Any, Any, Any]:
+    """The frozen tokenizer, text encoder and image encoder written by `train_clip`; `onednn` runs the two
+    towers' Linear layers through oneDNN (`speed.onednn_linear`, the stage's `optim.onednn_linear`)."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
@@ -64,6 +66,8 @@ def load_clip(output_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     image = CLIPVisionModelWithProjection.from_pretrained(output_dir / "image_encoder", use_safetensors=True)
     for m in (text, image):
         m.to(device).eval().requires_grad_(False)
+        if onednn:
+            speed.onednn_linear(m)
     return tokenizer, text, image
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from latent_diffusion import speed
 from latent_diffusion.diffusion import NoiseSchedule
 from latent_diffusion.io import config_to_dict, save_safetensors
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     dc, out = cfg.decoder, stage.output_dir
     pipe_cfg = pipeline_config(cfg)
-    tokenizer, text_encoder, image_encoder = load_clip(out, acc.device)
+    # The frozen encoders run in every step (unless `cache`): the stage's oneDNN switch speeds them up too.
+    tokenizer, text_encoder, image_encoder = load_clip(out, acc.device, onednn=dc.optim.onednn_linear)
     vae = AutoencoderKL.from_pretrained(out / "vae", device=acc.device).requires_grad_(False)
+    speed.apply_speed(vae, onednn=dc.optim.onednn_linear)
     use_image = cfg.prior is not None
     dataset = build_dataset(cfg.data, cfg.seed)
     empty = encode_batch(tokenizer, text_encoder, None, [""], None, pipe_cfg.image_mean, pipe_cfg.image_std,

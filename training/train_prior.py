@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     pc = cfg.prior
     pipe_cfg = PipelineConfig()
-    tokenizer, text_encoder, image_encoder = load_clip(stage.output_dir, acc.device)
+    tokenizer, text_encoder, image_encoder = load_clip(stage.output_dir, acc.device, onednn=pc.optim.onednn_linear)
     dataset = build_dataset(cfg.data, cfg.seed)
     heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
 
