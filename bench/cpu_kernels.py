@@ -5,11 +5,13 @@
     python bench/cpu_kernels.py --tiny     # a seconds-long smoke run of the same logic
 
 1. GEMM rate: a large fp32 matmul through `F.linear` (MKL's sgemm) and through `speed.linear` (a 1×1
-   convolution through oneDNN), and a 3×3 convolution (oneDNN), in GFLOP/s: what each library reaches here.
+   convolution through oneDNN), and a 3×3 convolution (oneDNN), in GFLOP/s: what each library reaches here;
+   then the decoder UNet's training step (batch 64 at 8×8×4): its FLOPs by kind and the rate it reaches with
+   the switches off and on.
 2. Linear layers at the shapes of the decoder UNet (rows = batch × tokens): `F.linear` against `speed.linear`
    with its size thresholds lifted, forward and forward + backward (gradients of input, weight and bias).
 3. Upsampling (nearest ×2, then 3×3 convolution) against the equal stride-2 transposed convolution
-   (`layers.phase_kernel`), forward and forward + backward, NCHW and channels_last, at the decoder's and the
+   (`speed.phase_kernel`), forward and forward + backward, NCHW and channels_last, at the decoder's and the
    VAE's sizes.
 
 Each pair is interleaved (A B A B ..., median); ratios below 1 mean the switch's path is faster.
@@ -21,7 +23,8 @@ import argparse
 import copy
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -72,15 +75,53 @@ def gemm_rates(tiny: bool, repeats: int, iters: int) -> list[list[Any]]:
                  rate(lambda: F.conv2d(x, k, padding=1), conv_flops, repeats, iters)]]
 
 
-class lifted_thresholds:
+@contextmanager
+def lifted_thresholds() -> Iterator[None]:
     """Make `speed.linear` take its oneDNN path at every size (restored on exit)."""
+    saved = speed.ONEDNN_MIN_ROWS, speed.ONEDNN_MIN_MACS
+    speed.ONEDNN_MIN_ROWS = speed.ONEDNN_MIN_MACS = 1
+    try:
+        yield
+    finally:
+        speed.ONEDNN_MIN_ROWS, speed.ONEDNN_MIN_MACS = saved
 
-    def __enter__(self) -> None:
-        self.saved = speed.ONEDNN_MIN_ROWS, speed.ONEDNN_MIN_MACS
-        speed.ONEDNN_MIN_ROWS = speed.ONEDNN_MIN_MACS = 1
 
-    def __exit__(self, *exc: Any) -> None:
-        speed.ONEDNN_MIN_ROWS, speed.ONEDNN_MIN_MACS = self.saved
+def unet_step_rates(tiny: bool, repeats: int, iters: int) -> list[list[Any]]:
+    """FLOPs of the decoder UNet's training step (forward + MSE backward, batch 64 at 8×8×4: the first shape of
+    cpu_vs_diffusers.py), split by operator kind (torch.utils.flop_counter), and the rate the step reaches with
+    the switches off and on."""
+    from cpu_vs_diffusers import TINY_UNET, UNET_DIFFUSERS, build_pair
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = TINY_UNET if tiny else UNET_DIFFUSERS
+    batch, size = (4, 8) if tiny else (64, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ours = build_pair("unet", config, Path(tmp) / "unet")
+    fast = speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True, onednn=True, upsample=True)
+    g = torch.Generator().manual_seed(2)
+    x, target = torch.randn(batch, 4, size, size, generator=g), torch.randn(batch, 4, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    ctx = torch.randn(batch, 32, config["cross_attention_dim"], generator=g)
+
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        def fn() -> None:
+            model.zero_grad(set_to_none=True)
+            F.mse_loss(model(x, t, ctx), target).backward()
+        return fn
+
+    with FlopCounterMode(display=False) as counter:
+        step(ours)()
+    total = counter.get_total_flops()
+    kinds = {"convolution": 0, "matmul": 0}
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        kinds["convolution" if "convolution" in str(op) else "matmul"] += flops
+    timing = interleaved({"eager default": step(ours), "cl+fuse+onednn+up": step(fast)}, repeats=repeats,
+                         iters=iters)
+    rows = [[f"UNet fwd+bwd {batch}×4×{size}×{size}: GFLOP per step", total / 1e9]]
+    rows += [[f"  of which {k}", v / total] for k, v in kinds.items()]
+    rows += [[f"  GFLOP/s, {name} ({tm['median_ms']:.1f} ms)", total / tm["median_ms"] / 1e6]
+             for name, tm in timing.items()]
+    return rows
 
 
 def linear_rows(shapes: list[tuple[int, int, int]], repeats: int, iters: int) -> list[dict[str, Any]]:
@@ -100,7 +141,7 @@ def linear_rows(shapes: list[tuple[int, int, int]], repeats: int, iters: int) ->
                                 "onednn": forward_backward(partial(speed.linear, x, w, b), [x, w, b], grad)},
                                repeats=repeats, iters=iters)
         taken = rows >= speed.ONEDNN_MIN_ROWS and rows * k * n >= speed.ONEDNN_MIN_MACS
-        out.append({"shape": f"{rows}×{k} → {n}", "macs_m": rows * k * n / 2 ** 20, "switch_takes_it": taken,
+        out.append({"shape": f"{rows}×{k} → {n}", "macs_m": rows * k * n / 1e6, "switch_takes_it": taken,
                     "fwd_mkl_ms": fwd["mkl"]["median_ms"], "fwd_onednn_ms": fwd["onednn"]["median_ms"],
                     "fwdbwd_mkl_ms": both["mkl"]["median_ms"], "fwdbwd_onednn_ms": both["onednn"]["median_ms"],
                     "max_rel_diff": err})
@@ -152,14 +193,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.out == parser.get_default("out"):
             args.out = Path(tempfile.gettempdir()) / "cpu_kernels_tiny.json"
 
-    gemm = gemm_rates(args.tiny, args.repeats, args.iters)
+    gemm = gemm_rates(args.tiny, args.repeats, args.iters) + unet_step_rates(args.tiny, args.repeats, args.iters)
     linear = linear_rows(TINY_LINEAR if args.tiny else LINEAR_SHAPES, args.repeats, args.iters)
     upsample = upsample_rows(TINY_UPSAMPLE if args.tiny else UPSAMPLE_SHAPES, args.repeats, args.iters)
 
     tables = {
-        "gemm": markdown_table(["kernel", "GFLOP/s"], gemm),
+        "gemm": markdown_table(["kernel", "GFLOP/s (or as named)"], gemm),
         "linear": markdown_table(
-            ["rows × in → out", "MMACs", "switch takes it", "fwd MKL ms", "fwd oneDNN (ratio)", "fwd+bwd MKL ms",
+            ["rows × in → out", "M MACs", "switch takes it", "fwd MKL ms", "fwd oneDNN (ratio)", "fwd+bwd MKL ms",
              "fwd+bwd oneDNN (ratio)"],
             [[r["shape"], r["macs_m"], "yes" if r["switch_takes_it"] else "no", r["fwd_mkl_ms"],
               f"{r['fwd_onednn_ms']:.3f} (**{r['fwd_onednn_ms'] / r['fwd_mkl_ms']:.2f}**)", r["fwdbwd_mkl_ms"],

@@ -1,6 +1,6 @@
 """GPU benchmark of an SD-1.5-size UNet and SD VAE in bf16, ours beside diffusers, in one run of at most 6 minutes.
 
-    python bench/gpu.py                 # on an H100/H200 (see bench/README.md for the one-line device command)
+    python bench/gpu.py                 # on an H100/H200 (bench/README.md: running it without internet access)
     python bench/gpu.py --tiny          # the same logic on the CPU with tiny models, fp32, 1–2 iterations
 
 Sections, in order of priority (each is skipped, and says so, once `--budget-s` would be exceeded):

@@ -9,6 +9,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch and the pipeline lazily, so `--help` stays fast
+    import torch
+
+    from latent_diffusion.pipeline import TextToImagePipeline
 
 SHIPPED_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "shapes-64"
 
@@ -17,7 +23,7 @@ FAST_HELP = ("speed switches (same images up to float rounding): on a CPU channe
              "and transposed-convolution upsampling; elsewhere channels_last")
 
 
-def speed_up(pipe, device):  # noqa: ANN001, ANN201 - TextToImagePipeline, torch.device
+def speed_up(pipe: TextToImagePipeline, device: torch.device) -> TextToImagePipeline:
     """The `--fast` switches for `device` (see FAST_HELP) applied to `pipe`."""
     cpu = device.type == "cpu"
     return pipe.apply_speed(channels_last=True, onednn=cpu, upsample=cpu)

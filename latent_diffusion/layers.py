@@ -217,39 +217,15 @@ class Downsample(nn.Conv2d):
 
 class Upsample(nn.Conv2d):
     """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution. `size` overrides the ×2 target.
-    x: (B, C, H, W) -> (B, C, 2H, 2W).
-
-    `transposed_min_pixels` (None: off; set by `speed.transposed_upsample`) computes the same function, for
-    inputs of at least that many pixels B·H·W, as one stride-2 transposed convolution with the 4×4 kernel
-    `phase_kernel(weight)`:
-    each output pixel of a given (row, column) parity sees only 2×2 distinct input pixels, so it costs 16
-    instead of 36 multiply-adds per input pixel and channel pair (the resize-convolution / sub-pixel
-    convolution identity, Odena et al. 2016; Shi et al. 2016)."""
+    x: (B, C, H, W) -> (B, C, 2H, 2W). (`speed.transposed_upsample` computes the same with fewer operations.)"""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 3, padding=1)
-        self.transposed_min_pixels: int | None = None
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if (self.transposed_min_pixels is not None and x.numel() // x.shape[-3] >= self.transposed_min_pixels
-                and (size is None or tuple(size) == (2 * H, 2 * W))):
-            return F.conv_transpose2d(x, phase_kernel(self.weight).transpose(0, 1), self.bias, stride=2, padding=1)
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0,
                                                                                      mode="nearest")
         return super().forward(x)
-
-
-def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) kernel w of "nearest ×2 upsampling, then 3×3 convolution (padding 1)" -> the (O, I, 4, 4)
-    kernel K of the equal stride-2, padding-1 transposed convolution: K = P w Pᵀ along both spatial axes.
-
-    Along one axis the output row 2i reads input rows i-1, i, i (taps w0 | w1 + w2) and row 2i+1 reads rows
-    i, i, i+1 (taps w0 + w1 | w2); the transposed convolution writes input row i to output row 2i + k - 1 with
-    tap k, hence K = [w2, w1 + w2, w0 + w1, w0]."""
-    P = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
-                     dtype=weight.dtype, device=weight.device)
-    return P @ weight @ P.T
 
 
 def rename_keys(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from latent_diffusion.layers import Attention, AttentionBackend, ResBlock, Upsample, set_attention_backend
 
@@ -101,8 +102,8 @@ def _fuse(m: Attention, target: str) -> None:
     names = _FUSED[target]
     parts: list[nn.Linear] = [getattr(m, n) for n in names]
     first = parts[0]
-    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
+    fused = _linear_class(first)(first.in_features, sum(p.out_features for p in parts),
+                                 bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         if fused.bias is not None:
@@ -121,7 +122,8 @@ def _unfuse(m: Attention, target: str) -> None:
     weights = fused.weight.detach().chunk(len(names))
     biases = fused.bias.detach().chunk(len(names)) if fused.bias is not None else [None] * len(names)
     for n, w, b in zip(names, weights, biases):
-        layer = nn.Linear(fused.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        layer = _linear_class(fused)(fused.in_features, w.shape[0], bias=b is not None, device=w.device,
+                                     dtype=w.dtype)
         with torch.no_grad():
             layer.weight.copy_(w)
             if b is not None:
@@ -133,6 +135,11 @@ def _unfuse(m: Attention, target: str) -> None:
         handle.remove()
     # Registration order fixes state-dict order: put the projections back where they were.
     m._modules = {k: m._modules[k] for k in sorted(m._modules, key=_canonical_position)}
+
+
+def _linear_class(layer: nn.Module) -> type[nn.Linear]:
+    """The class a fused or split projection gets: `OneDNNLinear` stays `OneDNNLinear` (see `onednn_linear`)."""
+    return OneDNNLinear if type(layer) is OneDNNLinear else nn.Linear
 
 
 _CANONICAL = ("to_q", "to_k", "to_v", "to_out")
@@ -186,13 +193,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     a (1, K, M, 1) image in channels_last order, are the same buffer (no copy), and so is the (1, N, M, 1)
     channels_last output: oneDNN computes exactly the GEMM x @ weight.T + bias, forward and backward. Why: on
     CPUs where MKL's sgemm takes its AVX2 path (e.g. AMD EPYC, even with AVX-512), oneDNN's AVX-512 kernels
-    are up to 2× faster. Anything else (other devices or dtypes, small GEMMs, torch.compile tracing) goes to
-    `F.linear`."""
+    are up to 2× faster. Anything else (other devices or dtypes, small GEMMs, CPU autocast, oneDNN switched
+    off, torch.compile tracing) goes to `F.linear`."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or rows < ONEDNN_MIN_ROWS or rows * K * weight.shape[0] < ONEDNN_MIN_MACS
-            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)):
         return F.linear(x, weight, bias)
     image = x.reshape(1, rows, 1, K).permute(0, 3, 1, 2)  # (1, K, M, 1), channels_last strides
     out = F.conv2d(image, weight[:, :, None, None], bias)  # (1, N, M, 1), channels_last
@@ -210,8 +218,9 @@ def onednn_linear(model: nn.Module) -> nn.Module:
     """Run the fp32 CPU GEMMs of every `nn.Linear` of `model` (ours, and transformers' CLIP) through oneDNN
     (`speed.linear`): each plain `nn.Linear` becomes an `OneDNNLinear`, in place. Parameters, state-dict keys
     and results (to float rounding) are unchanged, so optimizers, EMA, checkpoints, LoRA and fused q/k/v
-    (apply it after `fuse_qkv`) work as before; on GPUs and in other dtypes it changes nothing. Returns
-    `model`; `default_linear` undoes it."""
+    (`fuse_qkv` keeps the class of the layers it fuses) work as before; on GPUs, in other dtypes and under
+    autocast it changes nothing. torch.fx cannot trace the swapped layers (their forward branches on the input);
+    trace before switching. Returns `model`; `default_linear` undoes it."""
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
@@ -229,18 +238,52 @@ def default_linear(model: nn.Module) -> nn.Module:
 # --- upsampling as a transposed convolution ---------------------------------------------------------------
 
 
+def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) kernel w of "nearest ×2 upsampling, then 3×3 convolution (padding 1)" -> the (O, I, 4, 4)
+    kernel K of the equal stride-2, padding-1 transposed convolution: K = P w Pᵀ along both spatial axes.
+
+    Along one axis the output row 2i reads input rows i-1, i, i (taps w0 | w1 + w2) and row 2i+1 reads rows
+    i, i, i+1 (taps w0 + w1 | w2); the transposed convolution writes input row i to output row 2i + k - 1 with
+    tap k, hence K = [w2, w1 + w2, w0 + w1, w0] (the resize-convolution / sub-pixel convolution identity:
+    Odena et al. 2016; Shi et al. 2016)."""
+    P = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+                     dtype=weight.dtype, device=weight.device)
+    return P @ weight @ P.T
+
+
+class TransposedUpsample(Upsample):
+    """An `Upsample` computed, for inputs of at least `min_pixels` pixels B·H·W, as one stride-2 transposed
+    convolution with the kernel `phase_kernel(weight)`: each output pixel of a given (row, column) parity sees
+    only 2×2 distinct input pixels, so it costs 16 instead of 36 multiply-adds per input pixel and channel pair,
+    and the upsampled tensor is never built. Same parameters and state dict; see `transposed_upsample`."""
+
+    min_pixels: int = 1024
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | int | None = None) -> torch.Tensor:
+        B, _, H, W = x.shape
+        if B * H * W >= self.min_pixels and (size is None or _pair(size) == (2 * H, 2 * W)):
+            return F.conv_transpose2d(x, phase_kernel(self.weight).transpose(0, 1), self.bias, stride=2, padding=1)
+        return super().forward(x, size)
+
+
 def transposed_upsample(model: nn.Module, min_pixels: int | None = 1024) -> nn.Module:
     """Compute every `layers.Upsample` (nearest ×2, then 3×3 convolution) of `model` whose input holds at least
-    `min_pixels` pixels (batch × height × width) as one stride-2 transposed convolution
-    (`layers.phase_kernel`): the same function with 16/36 of the multiply-adds, forward and backward. On the
-    development CPU oneDNN's transposed convolution only pays from about 1,024 input pixels on (below, it is
-    slower than the plain path, more so under channels_last; BENCHMARKS.md), hence the default.
-    `min_pixels=None` switches it off again. Parameters and state dicts are unchanged. Returns `model`."""
+    `min_pixels` pixels (batch × height × width) as one stride-2 transposed convolution: each becomes a
+    `TransposedUpsample`, in place — the same function with 16/36 of the multiply-adds, forward and backward.
+    On the development CPU oneDNN's transposed convolution pays from about 512 input pixels on in NCHW and
+    1,024 under channels_last (below, it is slower than the plain path; BENCHMARKS.md), hence the default.
+    `min_pixels=None` turns them back into plain `Upsample`s. Parameters and state dicts are unchanged. Returns
+    `model`."""
     if min_pixels is not None and min_pixels < 1:
         raise ValueError(f"min_pixels={min_pixels} must be a positive number of pixels, or None to switch off")
     for m in model.modules():
         if isinstance(m, Upsample):
-            m.transposed_min_pixels = min_pixels
+            if min_pixels is None:
+                m.__class__ = Upsample
+                m.__dict__.pop("min_pixels", None)
+            else:
+                m.__class__ = TransposedUpsample
+                m.min_pixels = min_pixels
     return model
 
 

@@ -32,11 +32,11 @@ def test_generate_fast_gives_the_same_images(tiny_pipeline_dir, tmp_path, monkey
     the images by float rounding at most."""
     import numpy as np
 
-    from latent_diffusion import layers, speed
+    from latent_diffusion import speed
 
     monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)
     monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
-    real_switch, real_linear, real_kernel = speed.transposed_upsample, speed.linear, layers.phase_kernel
+    real_switch, real_linear, real_kernel = speed.transposed_upsample, speed.linear, speed.phase_kernel
     calls = {"linear": 0, "upsample": 0}
 
     def count(name, fn):
@@ -47,7 +47,7 @@ def test_generate_fast_gives_the_same_images(tiny_pipeline_dir, tmp_path, monkey
 
     monkeypatch.setattr(speed, "transposed_upsample", lambda model, min_pixels=1024: real_switch(model, 1))
     monkeypatch.setattr(speed, "linear", count("linear", real_linear))
-    monkeypatch.setattr(layers, "phase_kernel", count("upsample", real_kernel))
+    monkeypatch.setattr(speed, "phase_kernel", count("upsample", real_kernel))
     images = {}
     for flags in ([], ["--fast"]):
         out = tmp_path / f"grid{len(flags)}.png"

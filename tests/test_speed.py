@@ -164,13 +164,17 @@ def test_onednn_linear_equals_f_linear_forward_and_backward(monkeypatch):
     speed.linear(torch.randn(2, 80, 48), weight)  # 160 rows: below ONEDNN_MIN_ROWS, plain F.linear
     speed.linear(torch.randn(320, 47), weight[:, :47])  # below ONEDNN_MIN_MACS
     speed.linear(torch.randn(320, 48, dtype=torch.float64), weight.double())  # not fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        speed.linear(torch.randn(320, 48), weight)  # autocast decides the dtype: plain F.linear
+    with torch.backends.mkldnn.flags(enabled=False):
+        speed.linear(torch.randn(320, 48), weight)  # oneDNN switched off by the user
     assert len(calls) == 3
 
 
 def test_onednn_linear_keeps_outputs_gradients_and_state(unet, monkeypatch):
     monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)  # the tiny model's GEMMs are all small: take every one
     monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
-    fast = speed.onednn_linear(speed.fuse_qkv(copy.deepcopy(unet)))
+    fast = speed.fuse_qkv(speed.onednn_linear(copy.deepcopy(unet)))  # fusing keeps the oneDNN class
     linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is speed.OneDNNLinear for m in linears)
     assert type(copy.deepcopy(fast).time_embed.linear_1) is speed.OneDNNLinear
@@ -183,6 +187,8 @@ def test_onednn_linear_keeps_outputs_gradients_and_state(unet, monkeypatch):
     assert rel_err(fast.time_embed.linear_1.weight.grad, unet.time_embed.linear_1.weight.grad) < 1e-4
     ff_ref, ff = unet.down[1].attn[0].blocks[0].ff, fast.down[1].attn[0].blocks[0].ff
     assert rel_err(ff.proj_in.weight.grad, ff_ref.proj_in.weight.grad) < 1e-4
+    speed.unfuse_qkv(fast)  # and so does splitting them again
+    assert all(type(m) is speed.OneDNNLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
     speed.default_linear(fast)
     assert all(type(m) is torch.nn.Linear for m in fast.modules() if isinstance(m, torch.nn.Linear))
 
@@ -210,9 +216,12 @@ def test_transposed_upsample_equals_upsample_then_conv(monkeypatch):
     assert rel_err(fast(x), layer(x)) < 1e-6 and len(transposed) == 2  # 24 pixels: the plain path
     x = torch.randn(2, 6, 4, 4)
     assert fast(x, size=(9, 9)).shape[-2:] == (9, 9) and len(transposed) == 2  # a size that is not ×2
+    assert rel_err(fast(x, size=8), layer(x, size=8)) < 1e-5 and len(transposed) == 3  # ×2 given as an int
     assert list(fast.state_dict()) == list(layer.state_dict())
+    assert type(copy.deepcopy(fast)) is speed.TransposedUpsample
     with pytest.raises(ValueError, match="min_pixels=0"):
         speed.transposed_upsample(fast, min_pixels=0)
+    assert type(speed.transposed_upsample(copy.deepcopy(fast), min_pixels=None)) is Upsample
     vae = randomize(AutoencoderKL(AUTOENCODER_PRESETS["tiny"]), 3).eval()
     fast_vae = speed.apply_speed(copy.deepcopy(vae), upsample=True, channels_last=True)
     speed.transposed_upsample(fast_vae, min_pixels=1)
