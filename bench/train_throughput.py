@@ -11,7 +11,8 @@ the config's CLIP preset); inputs are random tensors of the training shapes: the
 full images) and is trained on MSE + KL. The settings are interleaved (A B C A B C ..., median of the repeats):
 "eager default" (fp32, NCHW, separate q/k/v), "fuse" (`speed.fuse_qkv`), "cl+fuse" (`speed.apply_speed`:
 channels_last + fused q/k/v), "onednn+up" (`speed.onednn_linear` + `speed.transposed_upsample`), "cl+fuse+onednn+up"
-(all four) and, with `--compile`, "fuse+compile" (+ `speed.compile_blocks`).
+(all four), "bf16 autocast" (no switches; the forward pass under `speed.bf16_autocast`, fp32 weights and
+optimizer, as `optim.mixed_precision bf16` trains) and, with `--compile`, "fuse+compile" (+ `speed.compile_blocks`).
 AdamW is torch's default (foreach) implementation on the CPU, as in training/loop.py.
 """
 
@@ -62,7 +63,7 @@ def build_models(config_path: Path) -> tuple[UNet, AutoencoderKL, dict[str, Any]
     return unet, vae, shapes
 
 
-def decoder_step(model: UNet, s: dict[str, Any]) -> Callable[[], None]:
+def decoder_step(model: UNet, s: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
     B = s["decoder_batch"]
     x = torch.randn(B, s["latent_channels"], s["latent"], s["latent"], generator=g)
@@ -75,14 +76,16 @@ def decoder_step(model: UNet, s: dict[str, Any]) -> Callable[[], None]:
     model.train()
 
     def step() -> None:
-        F.mse_loss(model(x, t, states, image, pooled), target).backward()
+        with speed.bf16_autocast("cpu", enabled=bf16):
+            out = model(x, t, states, image, pooled)
+        F.mse_loss(out.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def vae_step(model: AutoencoderKL, s: dict[str, Any]) -> Callable[[], None]:
+def vae_step(model: AutoencoderKL, s: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
     g = torch.Generator().manual_seed(1)
     B, S = s["vae_batch"], s["vae_size"]
     x = torch.rand(B, 3, S, S, generator=g) * 2 - 1
@@ -92,8 +95,9 @@ def vae_step(model: AutoencoderKL, s: dict[str, Any]) -> Callable[[], None]:
     model.train()
 
     def step() -> None:
-        recon, posterior = model(x, noise=noise)
-        (F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()).backward()
+        with speed.bf16_autocast("cpu", enabled=bf16):
+            recon, posterior = model(x, noise=noise)
+        (F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().float().mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             kwargs = {"backend": "eager"} if args.tiny else {}
             settings["fuse+compile"] = speed.compile_blocks(speed.fuse_qkv(copy.deepcopy(model)), **kwargs)
         steps = {k: make_step(m, shapes) for k, m in settings.items()}
+        # bf16 autocast (fp32 weights; training's `optim.mixed_precision bf16`), switches off
+        steps["bf16 autocast"] = make_step(copy.deepcopy(model), shapes, bf16=True)
         timing = interleaved(steps, repeats=args.repeats, iters=args.iters)
         base = timing["eager default"]["median_ms"]
         params = sum(p.numel() for p in model.parameters()) / 1e6
