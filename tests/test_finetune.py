@@ -178,6 +178,41 @@ def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefo
     assert sorted(json.loads((tmp_path / LORA_INDEX).read_text())["components"]) == ["decoder", "text_encoder"]
 
 
+def test_cpu_speed_switches_reach_every_component_and_train_the_same(tiny_pipeline_dir, imagefolder, tmp_path,
+                                                                     monkeypatch):
+    from safetensors.torch import load_file
+
+    from latent_diffusion import TextToImagePipeline, speed
+
+    monkeypatch.setattr(speed, "ONEDNN_MIN_ROWS", 1)  # the tiny models' GEMMs are all small: take every one
+    monkeypatch.setattr(speed, "ONEDNN_MIN_MACS", 1)
+    switched = []
+    real = TextToImagePipeline.apply_speed
+
+    def record(pipe, **switches):
+        out = real(pipe, **switches)
+        switched.append({name: [type(m) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+                         for name, module in pipe._modules().items()})
+        return out
+
+    monkeypatch.setattr(TextToImagePipeline, "apply_speed", record)
+    common = ["--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "2", *FAST]
+    run_in_process(*common, "--output-dir", str(tmp_path / "fast"), "--optim.onednn_linear", "true",
+                   "--optim.transposed_upsample", "true")
+    run_in_process(*common, "--output-dir", str(tmp_path / "plain"))
+    fast_run, plain_run = switched  # the switched run, then the plain run (switches off: classes unchanged)
+    assert all(kinds and all(k is speed.OneDNNLinear for k in kinds) for kinds in fast_run.values() if kinds)
+    assert {"text_encoder", "image_encoder", "decoder"} <= {n for n, kinds in fast_run.items() if kinds}
+    assert not any(k is speed.OneDNNLinear for kinds in plain_run.values() for k in kinds)
+    adapters = sorted((tmp_path / "fast").rglob("*.safetensors"))
+    assert adapters
+    for path in adapters:
+        a, b = load_file(str(path)), load_file(str(tmp_path / "plain" / path.relative_to(tmp_path / "fast")))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_full_finetune_writes_a_complete_pipeline(tiny_pipeline_dir, imagefolder, tmp_path):
     from latent_diffusion import TextToImagePipeline
 
