@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -16,6 +18,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def add_run_args(parser: argparse.ArgumentParser, name: str, repeats: int, iters: int | None = None,
+                 tiny_help: str = "tiny sizes, 1 repeat: a smoke test of the logic") -> None:
+    """The options every timing script shares: --repeats, --iters (when `iters` is given), --threads, --tiny and
+    --out (default bench/results/NAME.json); `parse_run_args` applies them."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved repeats (the median is reported)")
+    if iters is not None:
+        parser.add_argument("--iters", type=int, default=iters, help="calls (steps) per repeat")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.add_argument("--out", type=Path, default=Path(f"bench/results/{name}.json"))
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, name: str) -> argparse.Namespace:
+    """Parse `argv`, set torch's threads, and under --tiny run 1 repeat (of 1 call) and write the JSON to the
+    temp folder unless --out was given."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.repeats = 1
+        if hasattr(args, "iters"):
+            args.iters = 1
+        if args.out == parser.get_default("out"):
+            args.out = Path(tempfile.gettempdir()) / f"{name}_tiny.json"
+    return args
 
 
 def sync(device: torch.device | str) -> None:

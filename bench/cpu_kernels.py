@@ -1,5 +1,6 @@
-"""The kernels behind the CPU speed switches, one shape at a time: why `speed.onednn_linear` and
-`speed.transposed_upsample` exist and where their thresholds come from.
+"""The kernels behind the CPU speed switches, one shape at a time.
+
+Why `speed.onednn_linear` and `speed.transposed_upsample` exist, and where their thresholds come from.
 
     python bench/cpu_kernels.py            # the published figures (BENCHMARKS.md)
     python bench/cpu_kernels.py --tiny     # a seconds-long smoke run of the same logic
@@ -34,7 +35,15 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from _common import interleaved, machine_info, markdown_table, rel_err, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_run_args,
+    interleaved,
+    machine_info,
+    markdown_table,
+    parse_run_args,
+    rel_err,
+    write_json,
+)
 
 from latent_diffusion import speed  # noqa: E402
 from latent_diffusion.layers import Upsample  # noqa: E402
@@ -180,18 +189,8 @@ def upsample_rows(shapes: list[tuple[int, int, int]], repeats: int, iters: int) 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats (the median is reported)")
-    parser.add_argument("--iters", type=int, default=5, help="calls per repeat")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, 1 repeat: a smoke test of the logic")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_kernels.json"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.repeats, args.iters = 1, 1
-        if args.out == parser.get_default("out"):
-            args.out = Path(tempfile.gettempdir()) / "cpu_kernels_tiny.json"
+    add_run_args(parser, "cpu_kernels", repeats=15, iters=5)
+    args = parse_run_args(parser, argv, "cpu_kernels")
 
     gemm = gemm_rates(args.tiny, args.repeats, args.iters) + unet_step_rates(args.tiny, args.repeats, args.iters)
     linear = linear_rows(TINY_LINEAR if args.tiny else LINEAR_SHAPES, args.repeats, args.iters)

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, machine_info, markdown_table, randomize_, rel_err, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_run_args,
+    interleaved,
+    machine_info,
+    markdown_table,
+    parse_run_args,
+    randomize_,
+    rel_err,
+    write_json,
+)
 
 from latent_diffusion import speed  # noqa: E402
 from latent_diffusion.models import AutoencoderKL, UNet  # noqa: E402
@@ -148,20 +157,10 @@ def variants_of(ours: torch.nn.Module, compile: bool, tiny: bool) -> dict[str, t
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (the median is reported)")
-    parser.add_argument("--iters", type=int, default=3, help="calls per repeat")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_run_args(parser, "cpu_vs_diffusers", repeats=9, iters=3)
     parser.add_argument("--compile", action="store_true", help="also time speed.compile_blocks")
     parser.add_argument("--only", choices=["unet", "vae"], default=None, help="run one model family")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, 1 repeat: a smoke test of the logic")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_vs_diffusers.json"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.repeats, args.iters = 1, 1
-        if args.out == parser.get_default("out"):
-            args.out = Path(tempfile.gettempdir()) / "cpu_vs_diffusers_tiny.json"
+    args = parse_run_args(parser, argv, "cpu_vs_diffusers")
     unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if args.tiny else (UNET_DIFFUSERS, VAE_DIFFUSERS)
     shapes = [(4, 8), (2, 16)] if args.tiny else [(64, 8), (16, 16)]
     vae_batch, vae_size = (2, 32) if args.tiny else (16, 64)

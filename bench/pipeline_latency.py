@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, write_json  # noqa: E402
+from _common import add_run_args, machine_info, markdown_table, parse_run_args, write_json  # noqa: E402
 
 from latent_diffusion import speed  # noqa: E402
 from latent_diffusion.cli import speed_up  # noqa: E402
@@ -151,17 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="sizes of the random pipeline")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25, help="decoder and prior sampling steps")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per setting (median)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tiny", action="store_true", help="tiny CLIP, 2 steps, 1 repeat: a smoke test")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_latency.json"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_run_args(parser, "pipeline_latency", repeats=9, tiny_help="tiny CLIP, 2 steps, 1 repeat: a smoke test")
+    args = parse_run_args(parser, argv, "pipeline_latency")
     if args.tiny:
-        args.steps, args.repeats, args.images = 2, 1, 2
-        if args.out == parser.get_default("out"):
-            args.out = Path(tempfile.gettempdir()) / "pipeline_latency_tiny.json"
+        args.steps, args.images = 2, 2
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.pipeline.is_dir() and not args.tiny:

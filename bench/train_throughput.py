@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from _common import interleaved, machine_info, markdown_table, write_json  # noqa: E402
+from _common import add_run_args, interleaved, machine_info, markdown_table, parse_run_args, write_json  # noqa: E402
 
 from latent_diffusion import speed  # noqa: E402
 from latent_diffusion.models import AutoencoderKL, AutoencoderKLConfig, UNet, UNetConfig  # noqa: E402
@@ -107,21 +106,12 @@ def vae_step(model: AutoencoderKL, s: dict[str, Any], bf16: bool = False) -> Cal
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "shapes" / "base.yaml")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
-    parser.add_argument("--iters", type=int, default=3, help="steps per repeat")
-    parser.add_argument("--threads", type=int, default=None)
+    add_run_args(parser, "train_throughput", repeats=7, iters=3,
+                 tiny_help="configs/shapes/tiny.yaml sizes, batch 4, 1 repeat")
     parser.add_argument("--compile", action="store_true", help="also time speed.compile_blocks")
-    parser.add_argument("--tiny", action="store_true", help="configs/shapes/tiny.yaml sizes, batch 4, 1 repeat")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.repeats, args.iters = 1, 1
-        if args.config == parser.get_default("config"):
-            args.config = REPO / "configs" / "shapes" / "tiny.yaml"
-        if args.out == parser.get_default("out"):
-            args.out = Path(tempfile.gettempdir()) / "train_throughput_tiny.json"
+    args = parse_run_args(parser, argv, "train_throughput")
+    if args.tiny and args.config == parser.get_default("config"):
+        args.config = REPO / "configs" / "shapes" / "tiny.yaml"
 
     unet, vae, shapes = build_models(args.config)
     if args.tiny:

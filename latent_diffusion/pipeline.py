@@ -443,11 +443,14 @@ class TextToImagePipeline:
         if image_scale in (0.0, guidance_scale):
             guided = single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale, guidance_rescale)
         else:
-            tripled_img = torch.cat([img_u, img_u, img_c])  # [∅, ∅; text, ∅; text, image]
+            # Rows [∅, ∅; text, ∅; text, image], built once rather than at every denoiser call.
+            tripled_img = torch.cat([img_u, img_u, img_c])
+            tripled_states = torch.cat([uncond[0], text[0], text[0]])
+            tripled_pooled = torch.cat([uncond[1], text[1], text[1]])
 
             def tripled(x3: torch.Tensor, sigma3: torch.Tensor) -> torch.Tensor:  # (3B, C, h, w)
-                return denoise(x3, sigma3, text_states=torch.cat([uncond[0], text[0], text[0]]),
-                               image_embeds=tripled_img, text_embeds=torch.cat([uncond[1], text[1], text[1]]))
+                return denoise(x3, sigma3, text_states=tripled_states, image_embeds=tripled_img,
+                               text_embeds=tripled_pooled)
 
             guided = batched_dual_cfg(tripled, guidance_scale, image_scale, guidance_rescale)
         guided = clamped(guided, clip)
