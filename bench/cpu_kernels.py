@@ -1,7 +1,6 @@
 """The kernels behind the CPU speed switches, one shape at a time.
 
-Why `speed.onednn_linear`, `speed.transposed_upsample` and the `bmm` attention backend exist, and where their
-thresholds come from.
+Why `speed.onednn_linear` and `speed.transposed_upsample` exist, and where their thresholds come from.
 
     python bench/cpu_kernels.py            # the published figures (BENCHMARKS.md)
     python bench/cpu_kernels.py --tiny     # a seconds-long smoke run of the same logic
@@ -15,10 +14,6 @@ thresholds come from.
 3. Upsampling (nearest ×2, then 3×3 convolution) against the equal stride-2 transposed convolution
    (`speed.phase_kernel`), forward and forward + backward, NCHW and channels_last, at the decoder's and the
    VAE's sizes.
-4. Attention: torch's fused SDPA kernel against `layers.BmmAttention` (the `bmm` backend), forward and
-   forward + backward, at the decoder UNet's sequence lengths (self- and cross-attention on 32 text tokens, batch
-   64 / 16), the prior's, and longer ones up to and past `layers.BMM_MAX_SCORES`. q, k, v are strided
-   (B, H, L, D) views of (B, L, H, D) projections, as in the models.
 
 Each pair is interleaved (A B A B ..., median); ratios below 1 mean the switch's path is faster.
 """
@@ -51,7 +46,7 @@ from _common import (  # noqa: E402
 )
 
 from latent_diffusion import speed  # noqa: E402
-from latent_diffusion.layers import BMM_MAX_SCORES, BmmAttention, Upsample  # noqa: E402
+from latent_diffusion.layers import Upsample  # noqa: E402
 
 # (rows, in, out): the decoder UNet's GEMMs at batch 64 / 16 (1,024 and 256 tokens at the attention levels,
 # 2,048 context rows), small ones below the switch's thresholds, and one large square GEMM.
@@ -59,14 +54,8 @@ LINEAR_SHAPES = [(1024, 128, 128), (1024, 128, 384), (1024, 128, 1024), (1024, 5
                  (256, 128, 128), (256, 128, 1024), (256, 512, 128), (128, 256, 256), (4096, 1024, 1024)]
 # (batch, channels, input size): the decoder's upsamplings at batch 64 / 16 and the VAE decoder's at batch 16.
 UPSAMPLE_SHAPES = [(64, 128, 2), (64, 128, 4), (16, 128, 4), (16, 128, 8), (8, 128, 8), (16, 64, 16), (16, 64, 32)]
-# (batch, heads, queries, keys, head dim): the decoder UNet's attentions at batch 64 (4×4 and 2×2 tokens) and 16
-# (8×8 and 4×4), self and cross (32 text tokens); the prior's (81 tokens, batch 32); then longer sequences.
-ATTENTION_SHAPES = [(64, 4, 16, 16, 32), (64, 4, 16, 32, 32), (64, 4, 4, 4, 32), (64, 4, 4, 32, 32),
-                    (16, 4, 64, 64, 32), (16, 4, 64, 32, 32), (16, 4, 16, 16, 32), (32, 8, 81, 81, 32),
-                    (16, 4, 256, 256, 32), (16, 4, 256, 32, 32), (4, 4, 1024, 1024, 32), (2, 8, 4096, 77, 40)]
 TINY_LINEAR = [(64, 16, 32), (32, 8, 8)]
 TINY_UPSAMPLE = [(2, 8, 4)]
-TINY_ATTENTION = [(2, 2, 8, 8, 8), (2, 2, 8, 4, 8)]
 
 
 def forward_backward(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
@@ -118,7 +107,6 @@ def unet_step_rates(tiny: bool, repeats: int, iters: int) -> list[list[Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         _, ours = build_pair("unet", config, Path(tmp) / "unet")
     fast = speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True, onednn=True, upsample=True)
-    fastest = speed.apply_speed(copy.deepcopy(fast), attention_backend="bmm")
     g = torch.Generator().manual_seed(2)
     x, target = torch.randn(batch, 4, size, size, generator=g), torch.randn(batch, 4, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g).float()
@@ -136,8 +124,8 @@ def unet_step_rates(tiny: bool, repeats: int, iters: int) -> list[list[Any]]:
     kinds = {"convolution": 0, "matmul": 0}
     for op, flops in counter.get_flop_counts()["Global"].items():
         kinds["convolution" if "convolution" in str(op) else "matmul"] += flops
-    timing = interleaved({"eager default": step(ours), "cl+fuse+onednn+up": step(fast),
-                          "cl+fuse+onednn+up+bmm": step(fastest)}, repeats=repeats, iters=iters)
+    timing = interleaved({"eager default": step(ours), "cl+fuse+onednn+up": step(fast)}, repeats=repeats,
+                         iters=iters)
     rows = [[f"UNet fwd+bwd {batch}×4×{size}×{size}: GFLOP per step", total / 1e9]]
     rows += [[f"  of which {k}", v / total] for k, v in kinds.items()]
     rows += [[f"  GFLOP/s, {name} ({tm['median_ms']:.1f} ms)", total / tm["median_ms"] / 1e6]
@@ -199,31 +187,6 @@ def upsample_rows(shapes: list[tuple[int, int, int]], repeats: int, iters: int) 
     return out
 
 
-def attention_rows(shapes: list[tuple[int, int, int, int, int]], repeats: int, iters: int) -> list[dict[str, Any]]:
-    out = []
-    g = torch.Generator().manual_seed(0)
-    for batch, heads, length, keys, dim in shapes:
-        q = torch.randn(batch, length, heads, dim, generator=g).transpose(1, 2).requires_grad_()
-        k, v = (torch.randn(batch, keys, heads, dim, generator=g).transpose(1, 2).requires_grad_() for _ in "kv")
-        grad = torch.randn(batch, heads, length, dim, generator=g)
-        fns = {"sdpa": partial(F.scaled_dot_product_attention, q, k, v),
-               "bmm": partial(BmmAttention.apply, q, k, v, None)}
-        err = rel_err(fns["bmm"](), fns["sdpa"]())
-        with torch.no_grad():
-            fwd = interleaved(fns, repeats=repeats, iters=iters)
-        both = interleaved({n: forward_backward(fn, [q, k, v], grad) for n, fn in fns.items()},
-                           repeats=repeats, iters=iters)
-        out.append({"shape": f"{batch}×{heads} × {length}×{keys} (d {dim})", "scores": length * keys,
-                    "switch_takes_it": length * keys <= BMM_MAX_SCORES,
-                    "fwd_sdpa_ms": fwd["sdpa"]["median_ms"], "fwd_bmm_ms": fwd["bmm"]["median_ms"],
-                    "fwdbwd_sdpa_ms": both["sdpa"]["median_ms"], "fwdbwd_bmm_ms": both["bmm"]["median_ms"],
-                    "max_rel_diff": err})
-        r = out[-1]
-        print(f"  attention {r['shape']}: fwd {r['fwd_bmm_ms'] / r['fwd_sdpa_ms']:.2f}, "
-              f"fwd+bwd {r['fwdbwd_bmm_ms'] / r['fwdbwd_sdpa_ms']:.2f}", flush=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(parser, "cpu_kernels", repeats=15, iters=5)
@@ -232,7 +195,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gemm = gemm_rates(args.tiny, args.repeats, args.iters) + unet_step_rates(args.tiny, args.repeats, args.iters)
     linear = linear_rows(TINY_LINEAR if args.tiny else LINEAR_SHAPES, args.repeats, args.iters)
     upsample = upsample_rows(TINY_UPSAMPLE if args.tiny else UPSAMPLE_SHAPES, args.repeats, args.iters)
-    attention = attention_rows(TINY_ATTENTION if args.tiny else ATTENTION_SHAPES, args.repeats, args.iters)
 
     tables = {
         "gemm": markdown_table(["kernel", "GFLOP/s (or as named)"], gemm),
@@ -250,13 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               r["fwdbwd_plain_ms"],
               f"{r['fwdbwd_transposed_ms']:.2f} (**{r['fwdbwd_transposed_ms'] / r['fwdbwd_plain_ms']:.2f}**)"]
              for r in upsample]),
-        "attention": markdown_table(
-            ["batch×heads × queries×keys", "scores per head", "switch takes it", "fwd SDPA ms", "fwd bmm (ratio)",
-             "fwd+bwd SDPA ms", "fwd+bwd bmm (ratio)"],
-            [[r["shape"], r["scores"], "yes" if r["switch_takes_it"] else "no", r["fwd_sdpa_ms"],
-              f"{r['fwd_bmm_ms']:.3f} (**{r['fwd_bmm_ms'] / r['fwd_sdpa_ms']:.2f}**)", r["fwdbwd_sdpa_ms"],
-              f"{r['fwdbwd_bmm_ms']:.3f} (**{r['fwdbwd_bmm_ms'] / r['fwdbwd_sdpa_ms']:.2f}**)"]
-             for r in attention]),
     }
     info = machine_info()
     print(f"\n{info['cpu']} ({info['cpu_capability']}), {info['torch_threads']} threads, torch {info['torch']}; "
@@ -264,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for table in tables.values():
         print(table + "\n")
     data = {"machine": info, "repeats": args.repeats, "iters": args.iters, "gemm": gemm, "linear": linear,
-            "upsample": upsample, "attention": attention, "tables": tables}
+            "upsample": upsample, "tables": tables}
     write_json(args.out, data)
     return data
 
