@@ -6,13 +6,11 @@
 
 The diffusers models are built from a config, randomised, saved, and loaded into ours with `from_diffusers`,
 so both compute the same function (the max relative output difference is printed). Each case times
-diffusers, "ours" (eager default: fp32, NCHW, separate q/k/v, SDPA), "ours+cl+fuse" (`speed.apply_speed`:
-channels_last + fused q/k/v), "ours+onednn" (`speed.onednn_linear`: the Linear GEMMs through oneDNN),
-"ours+bmm" (the `bmm` attention backend for short sequences), "ours+cl+fuse+onednn+up" (cl, fuse, onednn and
-`speed.transposed_upsample`) and "ours+cl+fuse+onednn+up+bmm" (all five CPU switches, what `--fast` applies on
-a CPU) — with `--compile` also "ours+fuse" and "ours+cl+fuse" with `speed.compile_blocks` — interleaved
-(A B C A B C ..., several repeats, median) and reports the ratio ours / diffusers in parentheses (below 1: ours
-is faster).
+diffusers, "ours" (eager default: fp32, NCHW, separate q/k/v), "ours+fuse" (`speed.fuse_qkv`),
+"ours+cl+fuse" (`speed.apply_speed`: channels_last + fused q/k/v), "ours+onednn" (`speed.onednn_linear`: the
+Linear GEMMs through oneDNN) and "ours+cl+fuse+onednn+up" (those and `speed.transposed_upsample`) — with
+`--compile` also "ours+fuse" and "ours+cl+fuse" with `speed.compile_blocks` — interleaved (A B C A B C ...,
+several repeats, median) and reports the ratio ours / diffusers in parentheses (below 1: ours is faster).
 
 Cases: the SD-like decoder UNet of configs/shapes/base.yaml without image conditioning (6.7M parameters:
 channels (64, 128, 128), attention on the two lower levels, 4 heads, 32 context tokens of width 128) —
@@ -143,14 +141,11 @@ def vae_cases(ref: torch.nn.Module, variants: dict[str, torch.nn.Module], batch:
 def variants_of(ours: torch.nn.Module, compile: bool, tiny: bool) -> dict[str, torch.nn.Module]:
     """ours (eager default), + fused q/k/v, + channels_last and fused q/k/v, + oneDNN linears, + all four CPU
     switches, and, if asked, + regional compile."""
-    out = {"ours": ours,
+    out = {"ours": ours, "ours+fuse": speed.fuse_qkv(copy.deepcopy(ours)),
            "ours+cl+fuse": speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True),
            "ours+onednn": speed.onednn_linear(copy.deepcopy(ours)),
-           "ours+bmm": speed.apply_speed(copy.deepcopy(ours), attention_backend="bmm"),
            "ours+cl+fuse+onednn+up": speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True,
-                                                       onednn=True, upsample=True),
-           "ours+cl+fuse+onednn+up+bmm": speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True,
-                                                           onednn=True, upsample=True, attention_backend="bmm")}
+                                                       onednn=True, upsample=True)}
     if compile:
         # --tiny only traces with dynamo (backend="eager"): it checks the logic without minutes of C++ builds.
         kwargs = {"backend": "eager"} if tiny else {}

@@ -10,8 +10,8 @@ hooks on the component modules (the text encoder, the prior, the decoder UNet, t
 holds whatever the pipeline's internals look like; "other" is the rest of the wall time (tokenizer, sampler
 arithmetic, image conversion). Three settings are interleaved: the eager default; "cl+fuse" (`speed.apply_speed`:
 channels_last + fused q/k/v on the decoder and VAE, fused q/k/v on the prior); "--fast" (what `latent-diffusion
-generate --fast` applies on a CPU: channels_last, `speed.onednn_linear`, `speed.transposed_upsample` and the `bmm`
-attention backend on every component, through `TextToImagePipeline.apply_speed`).
+generate --fast` applies on a CPU: channels_last, `speed.onednn_linear` and `speed.transposed_upsample` on every
+component, through `TextToImagePipeline.apply_speed`).
 
 Without a pipeline folder a random one is built with the sizes of configs/shapes/base.yaml (timing does not
 depend on the weights).

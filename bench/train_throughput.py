@@ -10,10 +10,9 @@ the config's CLIP preset); inputs are random tensors of the training shapes: the
 (B, 4, S/f, S/f), 32-token text states, pooled text and image embeddings; the VAE sees `crop_size` crops (or
 full images) and is trained on MSE + KL. The settings are interleaved (A B C A B C ..., median of the repeats):
 "eager default" (fp32, NCHW, separate q/k/v), "fuse" (`speed.fuse_qkv`), "cl+fuse" (`speed.apply_speed`:
-channels_last + fused q/k/v), "onednn+up" (`speed.onednn_linear` + `speed.transposed_upsample`),
-"cl+fuse+onednn+up" (those four), "cl+fuse+onednn+up+bmm" (and the `bmm` attention backend: the five CPU
-switches), "bf16 autocast" (no switches; the forward pass under `speed.bf16_autocast`, fp32 weights and optimizer,
-as `optim.mixed_precision bf16` trains) and, with `--compile`, "fuse+compile" (+ `speed.compile_blocks`).
+channels_last + fused q/k/v), "onednn+up" (`speed.onednn_linear` + `speed.transposed_upsample`), "cl+fuse+onednn+up"
+(all four), "bf16 autocast" (no switches; the forward pass under `speed.bf16_autocast`, fp32 weights and
+optimizer, as `optim.mixed_precision bf16` trains) and, with `--compile`, "fuse+compile" (+ `speed.compile_blocks`).
 AdamW is torch's default (foreach) implementation on the CPU, as in training/loop.py.
 """
 
@@ -124,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "cl+fuse": speed.apply_speed(copy.deepcopy(model), channels_last=True, fuse=True),
                     "onednn+up": speed.apply_speed(copy.deepcopy(model), onednn=True, upsample=True),
                     "cl+fuse+onednn+up": speed.apply_speed(copy.deepcopy(model), channels_last=True, fuse=True,
-                                                           onednn=True, upsample=True),
-                    "cl+fuse+onednn+up+bmm": speed.apply_speed(copy.deepcopy(model), channels_last=True, fuse=True,
-                                                               onednn=True, upsample=True, attention_backend="bmm")}
+                                                           onednn=True, upsample=True)}
         if args.compile:
             kwargs = {"backend": "eager"} if args.tiny else {}
             settings["fuse+compile"] = speed.compile_blocks(speed.fuse_qkv(copy.deepcopy(model)), **kwargs)

@@ -19,14 +19,14 @@ if TYPE_CHECKING:  # the CLI imports torch and the pipeline lazily, so `--help` 
 SHIPPED_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "shapes-64"
 
 
-FAST_HELP = ("speed switches (same images up to float rounding): on a CPU channels_last, oneDNN linear layers, "
-             "transposed-convolution upsampling and the bmm attention backend; elsewhere channels_last")
+FAST_HELP = ("speed switches (same images up to float rounding): on a CPU channels_last, oneDNN linear layers "
+             "and transposed-convolution upsampling; elsewhere channels_last")
 
 
 def speed_up(pipe: TextToImagePipeline, device: torch.device) -> TextToImagePipeline:
     """The `--fast` switches for `device` (see FAST_HELP) applied to `pipe`."""
     cpu = device.type == "cpu"
-    return pipe.apply_speed(channels_last=True, onednn=cpu, upsample=cpu, attention_backend="bmm" if cpu else None)
+    return pipe.apply_speed(channels_last=True, onednn=cpu, upsample=cpu)
 
 
 def default_pipeline() -> Path:

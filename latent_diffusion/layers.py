@@ -4,18 +4,14 @@ multi-head attention and feed-forward layers."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionBackend = Literal["sdpa", "xformers", "math", "bmm"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math", "bmm")
-# The `bmm` backend serves a head's attention when its score matrix (Lq·Lk) holds at most this many entries: on
-# the development CPU it beats the fused SDPA kernel 1.5–3× from 4×4 up to 64×64 tokens and ties at 256×256
-# (forward + backward; `python bench/cpu_kernels.py`); longer sequences go to `sdpa`.
-BMM_MAX_SCORES = 256 * 256
+AttentionBackend = Literal["sdpa", "xformers", "math"]
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -24,17 +20,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); mask: additive, broadcastable to (B, H, Lq, Lk), or None.
     Returns (B, H, Lq, D). `upcast` computes the scores in fp32 (SD 2.x `upcast_attention`).
-    Backends: `sdpa` (torch's fused kernels, the default), `xformers` (CUDA only), `math`
-    (the plain reference) and `bmm` (two batched GEMMs with a hand-written backward, see `BmmAttention`: for
-    short sequences in fp32/fp64 outside autocast, where the fused kernels' fixed costs dominate; other calls
-    go to `sdpa`).
+    Backends: `sdpa` (torch's fused kernels, the default), `xformers` (CUDA only) and `math`
+    (the plain reference).
     """
-    if backend == "bmm":
-        if (q.dtype in (torch.float32, torch.float64) and q.shape[-2] * k.shape[-2] <= BMM_MAX_SCORES
-                and not torch.is_autocast_enabled(q.device.type)
-                and (mask is None or not mask.requires_grad)):
-            return BmmAttention.apply(q, k, v, mask)
-        backend = "sdpa"
     if backend == "sdpa":
         if upcast and q.dtype in (torch.float16, torch.bfloat16):
             return attention(q, k, v, mask, "math", upcast=True)
@@ -50,41 +38,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if backend == "xformers":
         return _xformers_attention(q, k, v, mask)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(ATTENTION_BACKENDS)}")
-
-
-class BmmAttention(torch.autograd.Function):
-    """softmax(q kᵀ / √d + mask) v as two batched GEMMs, the probabilities P kept for a backward written out:
-    dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS K / √d, dK = dSᵀ Q / √d
-    (the softmax Jacobian; FlashAttention's backward, Dao et al. 2022, Alg. 4, without the tiling).
-
-    q: (B, H, L, D); k, v: (B, H, S, D); mask: additive, broadcastable to (B, H, L, S), no gradient.
-    Returns (B, H, L, D). Keeps B·H·L·S probabilities for the backward, so it is for short sequences; each
-    GEMM runs on one contiguous (B·H, ·, ·) batch, the layout the CPU's batched GEMM takes in one call."""
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        B, H, L, D = q.shape
-        S = k.shape[2]
-        q3, k3, v3 = q.reshape(B * H, L, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
-        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(D ** -0.5)  # (B·H, L, S)
-        if mask is not None:
-            scores = (scores.view(B, H, L, S) + mask).view(B * H, L, S)
-        p = scores.softmax(dim=-1)
-        ctx.save_for_backward(q3, k3, v3, p)
-        return torch.bmm(p, v3).view(B, H, L, D)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q3, k3, v3, p = ctx.saved_tensors
-        BH, L, D = q3.shape
-        shape_q, shape_kv = grad_out.shape, (*grad_out.shape[:2], k3.shape[1], D)
-        do = grad_out.reshape(BH, L, D)
-        dv = torch.bmm(p.transpose(1, 2), do)
-        dp = torch.bmm(do, v3.transpose(1, 2))  # (B·H, L, S)
-        ds = dp.sub_((dp * p).sum(dim=-1, keepdim=True)).mul_(p).mul_(D ** -0.5)
-        dq, dk = torch.bmm(ds, k3), torch.bmm(ds.transpose(1, 2), q3)
-        return dq.view(shape_q), dk.view(shape_kv), dv.view(shape_kv), None
 
 
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

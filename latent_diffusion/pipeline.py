@@ -184,10 +184,9 @@ class TextToImagePipeline:
     def apply_speed(self, **switches: Any) -> TextToImagePipeline:
         """`speed.apply_speed(component, **switches)` on every model component, in place; a switch that does not
         concern a component (upsampling in the prior, say) leaves it as is. Results change by float rounding
-        only. On a CPU, `pipe.apply_speed(channels_last=True, onednn=True, upsample=True,
-        attention_backend="bmm")` is what `latent-diffusion generate --fast` does (BENCHMARKS.md, "Pipeline
-        latency"). Apply after `load_lora`: `fuse=True` renames the q/k/v projections a LoRA targets. Returns the
-        pipeline."""
+        only. On a CPU, `pipe.apply_speed(channels_last=True, onednn=True, upsample=True)` is what
+        `latent-diffusion generate --fast` does (BENCHMARKS.md, "Pipeline latency"). Apply after `load_lora`:
+        `fuse=True` renames the q/k/v projections a LoRA targets. Returns the pipeline."""
         from latent_diffusion import speed
 
         for m in self._modules().values():

@@ -16,7 +16,6 @@ import yaml
 
 from latent_diffusion.diffusion import ScheduleConfig
 from latent_diffusion.io import atomic_write_bytes, config_from_dict, dataclass_in
-from latent_diffusion.layers import AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,6 @@ class OptimConfig:
     compile: bool = False  # regional torch.compile of the model's blocks (speed.compile_blocks): for GPUs
     onednn_linear: bool = False  # fp32 CPU Linear GEMMs through oneDNN (speed.onednn_linear): for CPUs
     transposed_upsample: bool = False  # ×2 upsampling + conv as one transposed conv (speed.transposed_upsample)
-    attention_backend: AttentionBackend = "sdpa"  # layers.attention: bmm for short sequences on CPUs
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.decoder.enable_gradient_checkpointing()
     # The CPU switches on every component, the frozen ones that run each step included (`fit` sees the trained
     # ones only); they change neither parameters nor state dicts.
-    pipe.apply_speed(onednn=oc.onednn_linear, upsample=oc.transposed_upsample,
-                     attention_backend=oc.attention_backend)
+    pipe.apply_speed(onednn=oc.onednn_linear, upsample=oc.transposed_upsample)
     model = FinetuneModules(modules)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]

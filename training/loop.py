@@ -343,8 +343,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     acc = stage.accelerator
     world, rank = acc.num_processes, acc.process_index
     # Speed switches change how the model runs, never its parameters or state-dict keys; compilation comes last.
-    speed.apply_speed(model, onednn=oc.onednn_linear, upsample=oc.transposed_upsample,
-                      attention_backend=oc.attention_backend)
+    speed.apply_speed(model, onednn=oc.onednn_linear, upsample=oc.transposed_upsample)
     if oc.compile:  # block by block, before sharding (as torchtitan orders them); state-dict keys are unchanged
         speed.compile_blocks(model)
     if stage.fsdp:  # shard first: the optimizer must hold the sharded parameters
