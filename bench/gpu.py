@@ -10,9 +10,11 @@ Sections, in order of priority (each is skipped, and says so, once `--budget-s` 
    ours + switches replayed as a CUDA graph (`speed.capture_cuda_graph`), diffusers (interleaved, median).
 3. training: one step at batch 16 on 64×64×4 latents (bf16 autocast, fp32 weights, MSE loss, fused AdamW):
    samples/s, MFU (FLOPs of one step counted with torch.utils.flop_counter.FlopCounterMode), peak memory —
-   with and without gradient checkpointing, ours + switches and diffusers; with `--train-compile` also both
-   under whole-model `torch.compile` (no checkpointing; the compile time is reported, the FLOPs are the eager
-   model's).
+   with and without gradient checkpointing, for each of `--train-impls`: ours + switches (channels_last + fused
+   q/k/v), ours + fuse (NCHW: CUDA's GroupNorm has no channels_last kernel in some torch versions and converts
+   its input), diffusers; with `--train-compile` also each under whole-model `torch.compile` (no checkpointing;
+   the compile time is reported, the FLOPs are the eager model's); with `--train-profile` the operators that take
+   the time of one eager step of each implementation (torch.profiler, top 25 by device time).
 4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain and channels_last) and diffusers.
 5. compiled inference: whole-model `torch.compile` on ours + fused q/k/v and on diffusers (like for like), then
    regional `speed.compile_blocks` on ours + switches, at batch 1 then 8 (`--compiled`, `--compiled-batches`),
@@ -174,10 +176,10 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                      budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    impls = ["ours+switches"] + (["diffusers"] if diffusers else [])
+    impls = [i for i in args.train_impls if i != "diffusers" or diffusers]
     if args.train_compile:  # whole-model torch.compile on both, like for like; no checkpointing rows
         impls += [f"{impl}+compile" for impl in impls]
-    rows, flops = [], {}
+    rows, flops, profiles = [], {}, {}
     for impl in impls:
         base = impl.removesuffix("+compile")
         for ckpt in (False, True) if impl == base else (False,):
@@ -185,7 +187,8 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                 notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
                 continue
             ours, ref = build_unets(config, device, torch.float32)
-            model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=True, fuse=True)
+            model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=base == "ours+switches",
+                                                                      fuse=True)
             del ours, ref
             model.train()
             if ckpt:
@@ -206,8 +209,11 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                 flops[impl] = counter.get_total_flops()
             timing = interleaved({impl: step}, repeats=args.train_repeats, iters=args.train_iters, warmup=1,
                                  device=device)[impl]
+            if args.train_profile and not ckpt and impl == base:
+                profiles[impl] = profile_step(step, device)
+                print(profiles[impl], flush=True)
             step_s = timing["median_ms"] / 1e3
-            useful = flops.get(base, flops.get("ours+switches", 0))  # compiled: the eager model's FLOPs
+            useful = flops.get(base, next(iter(flops.values()), 0))  # compiled: the eager model's FLOPs
             peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append({"impl": impl, "gradient_checkpointing": ckpt, "ms_per_step": timing["median_ms"],
                          "samples_per_s": args.train_batch / step_s, "tflops_per_step": useful / 1e12,
@@ -218,7 +224,21 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                   f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB", flush=True)
             del model, opt, step
             gc.collect()
+    for impl, table in profiles.items():
+        notes.append(f"profile of one {impl} training step:\n{table}")
     return rows
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int = 25) -> str:
+    """The `top` operators of one call of `step` by self device time (CPU time on a CPU), as a table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
 def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -300,6 +320,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="compiled section: whole-model torch.compile (as diffusers) and regional compile_blocks")
     parser.add_argument("--train-compile", action="store_true",
                         help="training section: also whole-model torch.compile on ours and diffusers (MFU)")
+    parser.add_argument("--train-impls", nargs="+", default=["ours+switches", "diffusers"],
+                        choices=["ours+switches", "ours+fuse", "diffusers"],
+                        help="training section: the implementations timed (ours+fuse: NCHW, fused q/k/v)")
+    parser.add_argument("--train-profile", action="store_true",
+                        help="training section: print the top operators of one eager step of each implementation")
     parser.add_argument("--compiled-batches", nargs="*", type=int, default=None,
                         help="batches of the compiled section (default: those of the inference section)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
