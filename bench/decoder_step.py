@@ -15,12 +15,18 @@ Per batch size B it reports samples/s of
   on one batch held on the device: the device's ceiling for on-the-fly features; "tokenizing in the step": the
   same with the tokenizer in the step (as before `TokenizingCollate`);
 - "step, cached features": the same without the CLIP and VAE encoders (`decoder.cache: true`).
+With `--compare-switches` it also times the whole step (both ways) of the pipeline as loaded against a copy with
+the training speed switches on every component (`optim.onednn_linear` and `optim.transposed_upsample`, as
+`training.train_decoder` applies them), interleaved (A B A B ..., median), and reports the ratio.
 The model and the optimiser change during the measurement (it is training); the figures are rates, not results.
+
+    python bench/decoder_step.py --device cpu --batch-sizes 64 --compare-switches      # the CPU switches, end to end
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -34,7 +40,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from _common import machine_info, markdown_table, sync, write_json  # noqa: E402
+from _common import interleaved, machine_info, markdown_table, sync, write_json  # noqa: E402
 
 from latent_diffusion import TextToImagePipeline  # noqa: E402
 from latent_diffusion.data.shapes import ShapesDataset  # noqa: E402
@@ -68,10 +74,27 @@ def timed(fn: Callable[[], object], device: torch.device, steps: int) -> float:
     return statistics.median(times)
 
 
-def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextToImagePipeline,
-            optimizer: torch.optim.Optimizer, ema: EMA, autocast: Any, empty: dict, schedule: NoiseSchedule
-            ) -> tuple[dict[str, float], dict[str, float]]:
-    """Samples/s of each row for batch size `B`, and the synchronised seconds of each part."""
+class Trainer:
+    """The decoder of `pipe` set up to train as `training.train_decoder` does: AdamW, EMA, its noise schedule and
+    the empty caption's features (for caption dropout)."""
+
+    def __init__(self, pipe: TextToImagePipeline, device: torch.device, autocast: Any):
+        self.pipe, self.device, self.autocast = pipe, device, autocast
+        self.unet = pipe.decoder.requires_grad_(True).train()
+        self.schedule = NoiseSchedule(pipe.config.decoder_schedule)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.ema = EMA(self.unet, 0.999)
+        self.empty = encode_batch(pipe.tokenizer, pipe.text_encoder, None, [""], None, pipe.config.image_mean,
+                                  pipe.config.image_std, pipe.config.decoder_token_embeddings)
+
+
+def measure(B: int, args: argparse.Namespace, trainer: Trainer, rows: bool = True
+            ) -> tuple[dict[str, float], dict[str, float], dict[str, Callable[[], None]]]:
+    """Samples/s of each row for batch size `B`, the synchronised seconds of each part, and the whole-step
+    callables ("step", "step, cached features"); `rows=False` builds the callables only."""
+    pipe, device, autocast, optimizer, ema = trainer.pipe, trainer.device, trainer.autocast, trainer.optimizer, \
+        trainer.ema
+    empty, schedule = trainer.empty, trainer.schedule
     tok, text_encoder, image_encoder, vae, cfg = pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.vae, \
         pipe.config
     unet, tokens = pipe.decoder, cfg.decoder_token_embeddings
@@ -117,14 +140,6 @@ def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextTo
         optimizer.zero_grad(set_to_none=False)
 
     forward_backward()
-    parts = {"tokenize (in DataLoader workers in training)": timed(lambda: tokenize_once(tok, captions), device,
-                                                                    args.steps),
-             "text encoder": timed(text, device, args.steps),
-             "image encoder": timed(image, device, args.steps),
-             "VAE encoder": timed(vae_encode, device, args.steps),
-             "decoder fwd+bwd": timed(forward_backward, device, args.steps),
-             "clip + AdamW": timed(update, device, args.steps),
-             "EMA": timed(lambda: ema.update(unet), device, args.steps)}
 
     def whole(cached: bool, pretokenized: bool = True) -> Callable[[], None]:
         def step() -> None:
@@ -136,6 +151,18 @@ def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextTo
             ema.update(unet)
 
         return step
+
+    steps = {"step": whole(False), "step, cached features": whole(True)}
+    if not rows:
+        return {}, {}, steps
+    parts = {"tokenize (in DataLoader workers in training)": timed(lambda: tokenize_once(tok, captions), device,
+                                                                    args.steps),
+             "text encoder": timed(text, device, args.steps),
+             "image encoder": timed(image, device, args.steps),
+             "VAE encoder": timed(vae_encode, device, args.steps),
+             "decoder fwd+bwd": timed(forward_backward, device, args.steps),
+             "clip + AdamW": timed(update, device, args.steps),
+             "EMA": timed(lambda: ema.update(unet), device, args.steps)}
 
     def rate(fn: Callable[[], None]) -> float:
         fn()
@@ -149,9 +176,24 @@ def measure(B: int, args: argparse.Namespace, device: torch.device, pipe: TextTo
     result = {"loader": loader_rate(B, args.workers, args.steps),
               **{k: B / v for k, v in parts.items()},
               "parts but tokenize, summed": B / sum(v for k, v in parts.items() if not k.startswith("tokenize")),
-              "step": rate(whole(False)), "step, tokenizing in the step": rate(whole(False, pretokenized=False)),
-              "step, cached features": rate(whole(True))}
-    return result, parts
+              "step": rate(steps["step"]), "step, tokenizing in the step": rate(whole(False, pretokenized=False)),
+              "step, cached features": rate(steps["step, cached features"])}
+    return result, parts, steps
+
+
+def compare_switches(B: int, args: argparse.Namespace, plain: Trainer, fast: Trainer) -> list[list[Any]]:
+    """Rows (batch, what, plain samples/s, switched samples/s, ratio of step times) of the whole step, both ways,
+    the two pipelines interleaved."""
+    a, b = measure(B, args, plain, rows=False)[2], measure(B, args, fast, rows=False)[2]
+    out = []
+    for what in a:
+        timing = interleaved({"plain": a[what], "switched": b[what]}, repeats=args.repeats, iters=args.steps,
+                             device=plain.device)
+        p, s = timing["plain"]["median_ms"], timing["switched"]["median_ms"]
+        out.append([B, what, B / p * 1e3, B / s * 1e3, s / p])
+        print(f"  {what}: plain {B / p * 1e3:.1f} samples/s, switched {B / s * 1e3:.1f} ({s / p:.2f} of the time)",
+              flush=True)
+    return out
 
 
 def main() -> None:
@@ -163,25 +205,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decoder_step.json"))
+    ap.add_argument("--compare-switches", action="store_true",
+                    help="also time the whole step against a copy with optim.onednn_linear + transposed_upsample")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats of --compare-switches")
     ap.add_argument("--tiny", action="store_true", help="batch 4, 1 step, no workers; JSON to the temp folder")
     args = ap.parse_args()
     if args.tiny:
-        args.batch_sizes, args.steps, args.workers = [4], 1, 0
+        args.batch_sizes, args.steps, args.workers, args.repeats = [4], 1, 0, 1
         args.out = str(Path(tempfile.gettempdir()) / "decoder_step_tiny.json")
     device = torch.device(args.device)
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
-    tok, text_encoder, cfg = pipe.tokenizer, pipe.text_encoder, pipe.config
-    unet = pipe.decoder.requires_grad_(True).train()
-    schedule = NoiseSchedule(cfg.decoder_schedule)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
-    ema = EMA(unet, 0.999)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mixed_precision == "bf16"
                 else nullcontext())
-    tokens = cfg.decoder_token_embeddings
-    empty = encode_batch(tok, text_encoder, None, [""], None, cfg.image_mean, cfg.image_std, tokens)
-    rows, results = [], {}
+    trainer = Trainer(pipe, device, autocast)
+    fast = None
+    if args.compare_switches:
+        fast = Trainer(copy.deepcopy(pipe).apply_speed(onednn=True, upsample=True), device, autocast)
+    rows, results, compared = [], {}, []
     for B in args.batch_sizes:
-        result, parts = measure(B, args, device, pipe, optimizer, ema, autocast, empty, schedule)
+        if fast is not None:
+            compared += compare_switches(B, args, trainer, fast)
+        result, parts, _ = measure(B, args, trainer)
         results[str(B)] = {"samples_per_s": result, "part_ms": {k: v * 1e3 for k, v in parts.items()}}
         for name, value in result.items():
             ms = parts.get(name)
@@ -189,8 +233,13 @@ def main() -> None:
         print(markdown_table(["batch", "what", "samples/s", "ms (synchronised)"], rows[-len(result):]), flush=True)
     info = machine_info(device)
     print(markdown_table(["batch", "what", "samples/s", "ms (synchronised)"], rows))
-    write_json(args.out, {"machine": info, "pipeline": args.pipeline, "mixed_precision": args.mixed_precision,
-                          "workers": args.workers, "steps": args.steps, "results": results})
+    data = {"machine": info, "pipeline": args.pipeline, "mixed_precision": args.mixed_precision,
+            "workers": args.workers, "steps": args.steps, "results": results}
+    if compared:
+        table = markdown_table(["batch", "whole step", "plain samples/s", "switched samples/s", "time ratio"], compared)
+        print("\nspeed switches (optim.onednn_linear + optim.transposed_upsample), interleaved:\n" + table)
+        data.update(switches={"repeats": args.repeats, "rows": compared, "table": table})
+    write_json(args.out, data)
 
 
 if __name__ == "__main__":
