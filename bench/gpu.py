@@ -173,13 +173,15 @@ def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, ba
 
 
 def training_section(args: argparse.Namespace, device: torch.device, config: UNetConfig, peak_tflops: float,
-                     budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+                     budget: Budget, notes: list[str], profiles: dict[str, str]) -> list[dict[str, Any]]:
+    """Training-step rows; with `--train-profile` the operator table of each eager implementation goes into
+    `profiles`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     impls = [i for i in args.train_impls if i != "diffusers" or diffusers]
     if args.train_compile:  # whole-model torch.compile on both, like for like; no checkpointing rows
         impls += [f"{impl}+compile" for impl in impls]
-    rows, flops, profiles = [], {}, {}
+    rows, flops = [], {}
     for impl in impls:
         base = impl.removesuffix("+compile")
         for ckpt in (False, True) if impl == base else (False,):
@@ -224,8 +226,6 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                   f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB", flush=True)
             del model, opt, step
             gc.collect()
-    for impl, table in profiles.items():
-        notes.append(f"profile of one {impl} training step:\n{table}")
     return rows
 
 
@@ -237,7 +237,7 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 25) 
     with torch.profiler.profile(activities=activities) as prof:
         step()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
@@ -349,14 +349,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{info.get('gpu', info['cpu'])}, torch {info['torch']}, diffusers {info['diffusers']}", flush=True)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in UNet(config).parameters())
-    results: dict[str, Any] = {"machine": info, "unet_params": n_params, "dtype": str(dtype), "notes": notes}
+    profiles: dict[str, str] = {}
+    results: dict[str, Any] = {"machine": info, "unet_params": n_params, "dtype": str(dtype), "notes": notes,
+                               "train_profiles": profiles}
 
     peak = matmul_peak(device, dtype, peak_n, 10 if not args.tiny else 2)
     results["peak_tflops"] = peak
     print(f"  peak {dtype} matmul {peak_n}³: {peak:.1f} TFLOP/s", flush=True)
     sections: list[tuple[str, Callable[[], Any]]] = [
         ("inference", lambda: inference_section(args, device, dtype, config, budget, notes)),
-        ("training", lambda: training_section(args, device, config, peak, budget, notes)),
+        ("training", lambda: training_section(args, device, config, peak, budget, notes, profiles)),
         ("vae", lambda: vae_section(args, device, dtype, notes)),
         ("compiled", lambda: compiled_section(args, device, dtype, config, budget, notes)),
     ]
