@@ -15,7 +15,8 @@ Sections, in order of priority (each is skipped, and says so, once `--budget-s` 
    its input), diffusers; with `--train-compile` also each under whole-model `torch.compile` (no checkpointing;
    the compile time is reported, the FLOPs are the eager model's); with `--train-profile` the operators that take
    the time of one eager step of each implementation (torch.profiler, top 25 by device time).
-4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain and channels_last) and diffusers.
+4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain, channels_last, and with
+   `speed.transposed_upsample`: each ×2 upsampling + 3×3 convolution as one transposed convolution) and diffusers.
 5. compiled inference: whole-model `torch.compile` on ours + fused q/k/v and on diffusers (like for like), then
    regional `speed.compile_blocks` on ours + switches, at batch 1 then 8 (`--compiled`, `--compiled-batches`),
    with the compile time (first call).
@@ -253,9 +254,11 @@ def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         ref.to(dtype).eval()
     ours = ours.to(dtype).eval()
     fast = speed.apply_channels_last(copy.deepcopy(ours))
+    transposed = speed.transposed_upsample(copy.deepcopy(ours))
     f = config.downsample_factor
     z = torch.randn(1, config.latent_channels, args.vae_size // f, args.vae_size // f, device=device, dtype=dtype)
-    fns = {"ours": lambda: ours.decode(z), "ours+channels_last": lambda: fast.decode(z)}
+    fns = {"ours": lambda: ours.decode(z), "ours+channels_last": lambda: fast.decode(z),
+           "ours+transposed_upsample": lambda: transposed.decode(z)}
     if ref is not None:
         fns["diffusers"] = lambda: ref.decode(z).sample
     with torch.no_grad():
