@@ -54,6 +54,9 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "confi
     return cls(**kwargs)
 
 
+_YAML_BOOLS = {False: {"no", "n", "off", "false"}, True: {"yes", "y", "on", "true"}}
+
+
 def _coerce_field(value: Any, hint: Any, where: str) -> Any:
     """Check a config value against its field's type hint (loosely), converting ints and numeric strings to
     floats where a float is expected. Raises ValueError naming the field, the value and what is allowed."""
@@ -69,8 +72,13 @@ def _coerce_field(value: Any, hint: Any, where: str) -> Any:
     for option in options:
         o = typing.get_origin(option)
         if o is typing.Literal:
-            if value in typing.get_args(option):
+            choices = typing.get_args(option)
+            if value in choices:
                 return value
+            if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans: give the word back
+                spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+                if len(spelled) == 1:
+                    return spelled[0]
         elif option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)

@@ -185,8 +185,9 @@ class TextToImagePipeline:
         """`speed.apply_speed(component, **switches)` on every model component, in place; a switch that does not
         concern a component (upsampling in the prior, say) leaves it as is. Results change by float rounding
         only. On a CPU, `pipe.apply_speed(channels_last=True, onednn=True, upsample=True)` is what
-        `latent-diffusion generate --fast` does (BENCHMARKS.md, "Pipeline latency"). Apply after `load_lora`:
-        `fuse=True` renames the q/k/v projections a LoRA targets. Returns the pipeline."""
+        `latent-diffusion generate --fast` does (BENCHMARKS.md, "Pipeline latency"). Apply after `load_lora`,
+        and without `fuse=True` when a LoRA is loaded: the adapters wrap the q/k/v projections that fusion
+        replaces, so `speed.fuse_qkv` refuses them. Returns the pipeline."""
         from latent_diffusion import speed
 
         for m in self._modules().values():

@@ -69,9 +69,16 @@ def fuse_qkv(model: nn.Module, cross_attention: bool = True) -> nn.Module:
     (copies, so safetensors never sees shared storage), and `load_state_dict` accepts those keys and
     concatenates them. Hence `save_pretrained`, `from_pretrained`, EMA and Accelerate checkpoints work
     unchanged and stay interchangeable with unfused models. Fuse before building the optimizer (the
-    parameters are new objects) and before LoRA or FSDP wrapping (LoRA targets `to_q`/`to_k`/`to_v` by name;
-    the state-dict hooks are untested on sharded DTensors). Returns `model` (changed in place); `unfuse_qkv`
-    undoes it."""
+    parameters are new objects) and before FSDP wrapping (the state-dict hooks are untested on sharded
+    DTensors). Fusion and LoRA adapters do not combine: the adapters wrap `to_q`/`to_k`/`to_v` by name, so a
+    model carrying them is refused (ValueError). Returns `model` (changed in place); `unfuse_qkv` undoes it."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, Attention)
+               and any(not isinstance(getattr(m, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")
+                       if getattr(m, n, None) is not None)]
+    if wrapped:
+        raise ValueError(f"fuse_qkv: the q/k/v projections of {wrapped[0]!r} (and {len(wrapped) - 1} more attention "
+                         "layers) are wrapped, by LoRA adapters say; fused projections would drop them. Leave "
+                         "fusion off for a model with LoRA (or `unload_lora` first)")
     for m in list(model.modules()):
         if not isinstance(m, Attention) or m.to_qkv is not None or m.to_kv is not None:
             continue

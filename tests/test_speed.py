@@ -60,6 +60,26 @@ def test_fuse_qkv_keeps_outputs_and_gradients(unet):
     assert rel_err(block.attn2.to_kv.weight.grad, grads_ref) < 1e-4
 
 
+def test_fuse_qkv_refuses_lora_adapters(unet):
+    """LoRA wraps to_q/to_k/to_v by name: fusing would silently drop the adapters, so it is refused and the model
+    is left as it was."""
+    pytest.importorskip("peft")
+    from latent_diffusion.lora import add_lora, lora_layers
+
+    add_lora(unet, rank=2)
+    for layer in lora_layers(unet):  # a non-zero update, so that dropping it would show
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    with torch.no_grad():
+        before = unet(*unet_inputs())
+    with pytest.raises(ValueError, match="LoRA"):
+        speed.fuse_qkv(unet)
+    with pytest.raises(ValueError, match="LoRA"):
+        speed.apply_speed(unet, fuse=True)
+    assert not speed.is_fused(unet)
+    with torch.no_grad():
+        assert torch.equal(unet(*unet_inputs()), before)
+
+
 def test_fused_state_dict_round_trips(unet, tmp_path):
     fused = speed.fuse_qkv(copy.deepcopy(unet))
     state, state_ref = fused.state_dict(), unet.state_dict()

@@ -592,3 +592,28 @@ def test_clip_stage_with_hard_negatives_reports_binding(tmp_path):
     validation = metrics(tmp_path / "clip", "clip")[-1]["validation"]
     assert {"retrieval_top1", "binding_color", "binding_shape", "binding_cell"} <= set(validation)
     assert all(0 <= v <= 1 for v in validation.values())
+
+
+@pytest.mark.parametrize(("configured", "launcher", "expected"),
+                         [(None, "bf16", "bf16"), ("no", "bf16", "no"), ("bf16", None, "bf16"), (None, None, "no")])
+def test_mixed_precision_comes_from_the_config_else_the_launcher(tmp_path, monkeypatch, configured, launcher,
+                                                                 expected):
+    """`optim.mixed_precision` unset takes `accelerate launch --mixed_precision` (which reaches the process as
+    ACCELERATE_MIXED_PRECISION); a configured value overrides it."""
+    import argparse
+
+    from accelerate.state import AcceleratorState
+
+    from training.loop import setup_stage
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    overrides = [] if configured is None else ["--vae.optim.mixed_precision", configured]
+    args = argparse.Namespace(config=MICRO, output_dir=str(tmp_path), max_steps=None, resume=None, fsdp=False)
+    try:
+        stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim, cpu=True)
+        assert stage.accelerator.mixed_precision == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)

@@ -33,7 +33,8 @@ class OptimConfig:
     max_steps: int = 1000
     max_minutes: float | None = None  # stop the loop after this long (at a step boundary) and save as if finished
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: the launcher's choice (`accelerate launch --mixed_precision` or its config file; "no" without one)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     ema_decay: float | None = None  # None: no EMA weights
     checkpoint_every: int = 500
     checkpoint_limit: int = 2

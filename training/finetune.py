@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha; updates scale by alpha/r (default: 8)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 1e-4 (lora), 5e-5 (full)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process and micro-step (default: 8)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: no")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: the launcher's (accelerate launch --mixed_precision), else no")
     parser.add_argument("--validation-prompt", action="append", default=None,
                         help="repeat for several (default: the first 4 distinct training captions)")
     parser.add_argument("--seed", type=int, default=None)
@@ -213,9 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.method == "lora":
         for module in modules.values():
             add_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.feed_forward)
-        if oc.mixed_precision in HALF:
+        precision = stage.accelerator.mixed_precision  # the config's, else the launcher's
+        if precision in HALF:
             every = (pipe.text_encoder, pipe.image_encoder, pipe.vae, pipe.decoder, pipe.prior)
-            _cast_frozen([m for m in every if m is not None], HALF[oc.mixed_precision])
+            _cast_frozen([m for m in every if m is not None], HALF[precision])
     else:
         for module in modules.values():
             module.requires_grad_(True)

@@ -83,6 +83,7 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
                          "train_decoder); launch it without --fsdp")
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
+    # oc.mixed_precision None leaves the choice to the launcher (ACCELERATE_MIXED_PRECISION); a value overrides it.
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
@@ -98,6 +99,9 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
         raise ValueError(f"{name}: --fsdp shards across processes but this run has one; launch with "
                          "`accelerate launch --multi_gpu --num_processes N` (N >= 2) or drop --fsdp")
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        source = "the config" if oc.mixed_precision is not None else "the launcher"
+        print(f"{name}: mixed precision {accelerator.mixed_precision} (from {source})", flush=True)
     max_steps = args.max_steps if args.max_steps is not None else oc.max_steps
     return Stage(name, config, accelerator, output_dir, work_dir, max_steps, args.resume, fsdp)
 
@@ -349,7 +353,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if stage.fsdp:  # shard first: the optimizer must hold the sharded parameters
         if params is not None:
             raise ValueError(f"{stage.name}: --fsdp trains whole models only")
-        model = sharding.shard_model(model, acc.device, world, oc.mixed_precision)
+        model = sharding.shard_model(model, acc.device, world, acc.mixed_precision)
     optimizer = make_optimizer(params if params is not None else model.parameters(), oc, acc.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, stage.max_steps))
     if stage.fsdp:
