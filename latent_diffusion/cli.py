@@ -41,6 +41,15 @@ def _quiet_hub() -> None:
         os.environ.setdefault(key, value)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help states it or there is none (None, a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from latent_diffusion.diffusion import SAMPLERS
 
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images from a prompt and write them as PNG files.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     g.add_argument("prompt", help='the caption, e.g. "a red circle on the left"')
     g.add_argument("--num-images", type=int, default=4, help="images to generate")
     g.add_argument("--steps", type=int, default=25, help="decoder sampling steps")
@@ -59,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance", type=float, default=None,
                    help="decoder guidance towards the prior's image embedding, apart from the text's "
                         "(default: the pipeline's, else --guidance; 0: text alone)")
-    g.add_argument("--negative-prompt", default=None, help="what the unconditional branch is given")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what the unconditional branch is given (default: the empty caption)")
     g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler for both stages (default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score prompt following on the shapes suite",
                        description="Generate the shapes prompt suite with several samplers and ablations, score every "
                                    "image with the shapes checker, and write results.json, results.md and grid.png.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     e.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")
     e.add_argument("--out", default="evaluation", help="output folder")
     e.add_argument("--num-prompts", type=int, default=8, help="prompts per group")
@@ -96,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="re-save a pipeline (e.g. in half precision) or convert a diffusers folder",
                        description="Load a pipeline folder (ours, or a diffusers Stable unCLIP folder with "
                                    "--from-diffusers) and save it in our layout.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     c.add_argument("source", help="the pipeline folder to read")
     c.add_argument("dest", help="the folder to write")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",

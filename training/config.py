@@ -276,10 +276,12 @@ def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> 
     atomic_write_bytes(path, config_to_yaml(config).encode())
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides."""
+def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
+    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides.
+    `doc`: the stage module's docstring (its first paragraph becomes the description); `module`: its name
+    (`training.train_vae`), for the usage line."""
     parser = argparse.ArgumentParser(
-        description=description,
+        prog=f"accelerate launch -m {module}", description=" ".join(doc.split("\n\n")[0].split()),
         epilog="Any config key can be overridden as '--section.key value', e.g. '--decoder.optim.lr 1e-4'.")
     parser.add_argument("--config", default=None, help="YAML experiment config (default: built-in defaults)")
     parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")

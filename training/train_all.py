@@ -22,7 +22,7 @@ STAGES = (("clip", train_clip), ("vae", train_vae), ("prior", train_prior), ("de
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)  # --help and argument errors, up front
+    stage_parser(__doc__, "training.train_all").parse_known_args(argv)  # --help and argument errors, up front
     from accelerate.state import AcceleratorState
 
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # the launcher sets RANK

@@ -86,7 +86,7 @@ def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    args, overrides = stage_parser(__doc__, "training.train_decoder").parse_known_args(argv)
     stage = setup_stage("decoder", args, overrides, lambda c: c.decoder.optim)
     cfg, acc = stage.config, stage.accelerator
     if stage.done("decoder"):

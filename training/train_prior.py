@@ -26,7 +26,7 @@ from training.loop import fit, setup_stage
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    args, overrides = stage_parser(__doc__, "training.train_prior").parse_known_args(argv)
     stage = setup_stage("prior", args, overrides, lambda c: c.prior.optim if c.prior else c.decoder.optim)
     cfg, acc = stage.config, stage.accelerator
     if cfg.prior is None:

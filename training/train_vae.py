@@ -60,7 +60,7 @@ class AutoencoderWithDiscriminator(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = stage_parser(__doc__.split("\n")[0]).parse_known_args(argv)
+    args, overrides = stage_parser(__doc__, "training.train_vae").parse_known_args(argv)
     stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim)
     cfg, acc = stage.config, stage.accelerator
     if stage.done("vae"):
