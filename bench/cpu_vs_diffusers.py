@@ -14,8 +14,9 @@ several repeats, median) and reports the ratio ours / diffusers in parentheses (
 
 Cases: the SD-like decoder UNet of configs/shapes/base.yaml without image conditioning (6.7M parameters:
 channels (64, 128, 128), attention on the two lower levels, 4 heads, 32 context tokens of width 128) —
-forward (no_grad) and forward+backward (train mode, MSE loss) at batch 64 on 8×8×4 and batch 16 on 16×16×4
-latents; the VAE of base.yaml — encode and decode of a batch of 16 64×64 images.
+forward (no_grad) and forward+backward (MSE loss; no dropout, so train and eval mode compute the same) at
+batch 64 on 8×8×4 and batch 16 on 16×16×4 latents; the VAE of base.yaml — encode and decode of a batch of 16
+64×64 images.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Where one training step of the decoder goes: the real step of `training.train_decoder` (shapes data, frozen
-CLIP and VAE features computed on the fly, the decoder's loss, AdamW, EMA) on a pipeline's components, timed part
-by part, as a whole, and beside the DataLoader alone.
+"""Where one training step of the decoder goes: the step `training.train_decoder` runs (shapes data, frozen CLIP
+and VAE features computed on the fly, the decoder's loss, AdamW, EMA) on a pipeline's components, with the shipped
+decoder's recipe fixed here (v loss with logit-normal (0.7, 1.0) timesteps, text and image dropout 0.1, EMA 0.999,
+lr 1e-5) whatever the pipeline's training config said, timed part by part, as a whole, and beside the DataLoader
+alone.
 
-    python bench/decoder_step.py                                              # CPU, the shipped pipeline
+    python bench/decoder_step.py                                  # the shipped pipeline, on CUDA when available
     python bench/decoder_step.py --device cuda --batch-sizes 256 1024 --workers 12 --mixed-precision bf16
     python bench/decoder_step.py --tiny                                      # a seconds-long smoke run
 
