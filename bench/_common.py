@@ -131,10 +131,22 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON; strings holding paths inside the repository are made relative to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(_repo_relative(data), indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def _repo_relative(value: Any) -> Any:
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    if isinstance(value, str):
+        return value.replace(root, "")
+    if isinstance(value, dict):
+        return {k: _repo_relative(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_repo_relative(v) for v in value]
+    return value
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
