@@ -176,6 +176,29 @@ def test_resume_continues_exactly(tmp_path):
     assert not list((tmp_path / "resumed" / "_work" / "vae").rglob("*.pkl"))  # nothing pickled
 
 
+def test_resume_takes_this_runs_lr_and_sets_later_checkpoints_aside(tmp_path, capsys):
+    """Resuming from checkpoint-2 with a new learning rate trains at that rate (the checkpoint restores its own
+    run's), and the earlier run's checkpoint-4 is kept as stale-checkpoint-4, out of reach of the rotation and of
+    `--resume latest`."""
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    common = ["--config", MICRO, "--output-dir", str(tmp_path), "--vae.optim.lr_schedule", "constant",
+              "--vae.optim.checkpoint_limit", "1"]
+    train_vae.main([*common, "--max-steps", "4", "--vae.optim.checkpoint_limit", "5"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    work = tmp_path / "_work" / "vae"
+    (work / "DONE").unlink()  # as if that run had been stopped after its last checkpoint
+    train_vae.main([*common, "--max-steps", "3", "--resume", str(work / "checkpoint-2"), "--vae.optim.lr", "1e-5"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    out = capsys.readouterr().out
+    assert "resuming with lr 1e-05" in out and "moved to stale-checkpoint-4" in out
+    last = [r for r in metrics(tmp_path, "vae") if "lr" in r][-1]
+    assert last["step"] == 3 and last["lr"] == pytest.approx(1e-5)
+    assert sorted(p.name for p in work.glob("*checkpoint-*")) == ["checkpoint-3", "stale-checkpoint-4"]
+
+
 def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
     """`optim.max_minutes` ends the loop at a step boundary; the run is exported and marked done like a full one."""
     from accelerate.state import AcceleratorState
@@ -242,6 +265,15 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(MICRO, ["--decoder.timestep_logit_normal", "[0.5, 0.0]"])
     with pytest.raises(ValueError, match="min_snr_gamma=5.0 gives the last timesteps .* no weight"):
         load_config(MICRO, ["--decoder.schedule.rescale_zero_terminal_snr", "true", "--decoder.min_snr_gamma", "5"])
+    with pytest.raises(ValueError, match="prediction_type='epsilon' cannot predict"):
+        load_config(MICRO, ["--decoder.schedule.rescale_zero_terminal_snr", "true", "--decoder.min_snr_gamma", "null"])
+    bad = [("batch_size", "0", ">= 1"), ("grad_accum", "0", ">= 1"), ("log_every", "0", ">= 1"),
+           ("warmup_steps", "-3", ">= 0"), ("lr", "-1e-4", ">= 0"), ("ema_decay", "1.5", r"in \[0, 1\)")]
+    for key, value, allowed in bad:
+        with pytest.raises(ValueError, match=f"optim.{key}=.* must be {allowed}"):
+            load_config(MICRO, [f"--vae.optim.{key}", value])
+    with pytest.raises(ValueError, match="would freeze data.random_flip"):
+        load_config(MICRO, ["--decoder.cache", "true", "--data.random_flip", "true"])
 
 
 def test_decoder_timesteps_can_favour_high_noise():
@@ -617,3 +649,15 @@ def test_mixed_precision_comes_from_the_config_else_the_launcher(tmp_path, monke
         assert stage.accelerator.mixed_precision == expected
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_feature_cache_key_separates_text_only_runs(tmp_path):
+    """A text-only run caches no image embeddings, so its cache must not serve a run with a prior (and back)."""
+    import dataclasses
+
+    from training.train_decoder import features_key
+
+    cfg = load_config(MICRO)
+    with_prior, text_only = features_key(cfg, tmp_path), features_key(dataclasses.replace(cfg, prior=None), tmp_path)
+    assert with_prior != text_only
+    assert features_key(cfg, tmp_path) == with_prior  # deterministic

@@ -49,6 +49,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"optim.max_minutes={self.max_minutes} must be > 0, or null for no time limit")
+        for name in ("batch_size", "grad_accum", "log_every", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "warmup_steps", "checkpoint_every", "checkpoint_limit", "validate_every", "num_workers",
+                     "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay={self.ema_decay} must be in [0, 1), or null for no EMA")
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,12 @@ class DecoderStageConfig:
             raise ValueError(f"decoder.min_snr_gamma={self.min_snr_gamma} gives the last timesteps of a "
                              "zero-terminal-SNR schedule no weight; set decoder.min_snr_gamma null with "
                              "decoder.schedule.rescale_zero_terminal_snr true")
+        if self.schedule.rescale_zero_terminal_snr and self.schedule.prediction_type == "epsilon":
+            # At the zero-SNR end α ≈ 0: x0 = (x - σ ε) / α turns any ε error into a huge x0 error (Lin et al.
+            # 2024, §3.2).
+            raise ValueError("decoder.schedule.prediction_type='epsilon' cannot predict the clean image at the "
+                             "zero-SNR end of decoder.schedule.rescale_zero_terminal_snr true; set "
+                             "decoder.schedule.prediction_type v_prediction (or sample)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,12 @@ class ExperimentConfig:
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     prior: PriorStageConfig | None = field(default_factory=PriorStageConfig)  # None: text-only decoder
     decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
+
+    def __post_init__(self) -> None:
+        augment = [k for k in ("random_crop", "random_flip") if getattr(self.data, k)]
+        if self.decoder.cache and augment:
+            raise ValueError(f"decoder.cache computes each image's latent once, which would freeze data.{augment[0]} "
+                             f"to a single draw; set decoder.cache false or data.{augment[0]} false")
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,38 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
     return int(state["step"])
 
 
+def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler: Any, oc: OptimConfig) -> None:
+    """Give the resumed optimizer and schedule this run's lr, betas and weight decay: a checkpoint restores those of
+    the run that wrote it, so `--resume latest --<stage>.optim.lr 1e-5` would otherwise keep the old rate."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper, or the LambdaLR itself
+    groups = optimizer.param_groups
+    old = (inner.base_lrs[0], tuple(groups[0]["betas"]), groups[0]["weight_decay"])
+    inner.base_lrs = [oc.lr] * len(groups)
+    for group in groups:
+        # the schedule's own count (behind `step` by any fp16 steps the gradient scaler skipped)
+        group.update(initial_lr=oc.lr, lr=oc.lr * lr_factor(inner.last_epoch, oc, stage.max_steps),
+                     betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    if old != (oc.lr, tuple(oc.betas), oc.weight_decay):
+        stage.print(f"{stage.name}: resuming with lr {oc.lr}, betas {tuple(oc.betas)}, weight decay "
+                    f"{oc.weight_decay} (the checkpoint's run had {old[0]}, {old[1]}, {old[2]})")
+
+
+def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
+    """Rename the checkpoints past `step` (an earlier run's, in the same output folder) to `stale-checkpoint-N`: kept,
+    but out of reach of the rotation, which would delete this run's checkpoints first, and of `--resume latest`,
+    which would continue the other run."""
+    acc = stage.accelerator
+    if acc.is_main_process:
+        for old in list_checkpoints(stage.work_dir):
+            if int(old.name.split("-")[1]) > step:
+                target = old.with_name(f"stale-{old.name}")
+                if target.exists():
+                    target = old.with_name(f"stale-{old.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(old, target)
+                stage.print(f"{stage.name}: {old.name} is from a run past step {step}; moved to {target.name}")
+    acc.wait_for_everyone()
+
+
 def resolve_resume(stage: Stage) -> Path | None:
     if stage.resume is None:
         return None
@@ -367,6 +399,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if checkpoint is not None:
         start = load_checkpoint(stage, checkpoint, wrapped, optimizer, scheduler, ema)
         stage.print(f"resumed from {checkpoint} at step {start}")
+        apply_optim_config(stage, optimizer, scheduler, oc)
+    set_aside_later_checkpoints(stage, start)
 
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
                                stage.max_steps)
@@ -408,10 +442,12 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         elif oc.max_grad_norm:
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        # fp16: a step the gradient scaler skipped (inf/nan gradients) moves neither the schedule nor the EMA
+        if not getattr(optimizer, "step_was_skipped", False):
+            scheduler.step()
+            if ema is not None:
+                ema.update(acc.unwrap_model(wrapped))
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(acc.unwrap_model(wrapped))
         bar.update(1)
         done = step + 1
         if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline, done):

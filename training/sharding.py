@@ -39,8 +39,9 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_p
     for compute while gradients are reduced in fp32 (FSDP2's MixedPrecisionPolicy). Forward inputs are not cast:
     autocast handles activations, and a float timestep such as 257 must not become bf16's 256."""
     if mixed_precision == "fp16":
-        raise ValueError("--fsdp supports --mixed-precision no or bf16, not fp16 (fp16 needs a sharded gradient "
-                         "scaler); use bf16")
+        raise ValueError("--fsdp trains in fp32 or bf16, not fp16 (fp16 needs a sharded gradient scaler): set "
+                         "--<stage>.optim.mixed_precision bf16, or launch with `accelerate launch "
+                         "--mixed_precision bf16`")
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()

@@ -46,9 +46,11 @@ class CachedFeatures(Dataset):
 
 
 def features_key(cfg: ExperimentConfig, out: Path) -> str:
-    """A fingerprint of what the cached features depend on: the data config, the seed, and the VAE and CLIP
-    files (a retrained VAE or CLIP makes a new cache)."""
-    key = [config_to_dict(cfg.data), cfg.seed] + ([True] if cfg.decoder.token_embeddings else [])  # old keys kept
+    """A fingerprint of what the cached features depend on: the data config, the seed, whether image embeddings
+    are cached (a text-only run's cache has none), and the VAE and CLIP files (a retrained VAE or CLIP makes a new
+    cache)."""
+    key = [config_to_dict(cfg.data), cfg.seed] + ([True] if cfg.decoder.token_embeddings else []) \
+        + (["text only"] if cfg.prior is None else [])  # (keys of earlier caches kept where they were right)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for part in ("tokenizer", "text_encoder", "image_encoder", "vae"):
         for f in sorted((out / part).glob("*")) if (out / part).is_dir() else []:
