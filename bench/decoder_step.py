@@ -1,8 +1,8 @@
 """Where one training step of the decoder goes: the step `training.train_decoder` runs (shapes data, frozen CLIP
 and VAE features computed on the fly, the decoder's loss, AdamW, EMA) on a pipeline's components, with the shipped
-decoder's recipe fixed here (v loss with logit-normal (0.7, 1.0) timesteps, text and image dropout 0.1, EMA 0.999,
-lr 1e-5) whatever the pipeline's training config said, timed part by part, as a whole, and beside the DataLoader
-alone.
+decoder's recipe fixed here (logit-normal (0.7, 1.0) timesteps, text and image dropout 0.1, EMA 0.999, lr 1e-5;
+the prediction type is the pipeline's) whatever the pipeline's training config said, timed part by part, as a
+whole, and beside the DataLoader alone.
 
     python bench/decoder_step.py                                  # the shipped pipeline, on CUDA when available
     python bench/decoder_step.py --device cuda --batch-sizes 256 1024 --workers 12 --mixed-precision bf16

@@ -76,9 +76,10 @@ def fuse_qkv(model: nn.Module, cross_attention: bool = True) -> nn.Module:
                and any(not isinstance(getattr(m, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")
                        if getattr(m, n, None) is not None)]
     if wrapped:
-        raise ValueError(f"fuse_qkv: the q/k/v projections of {wrapped[0]!r} (and {len(wrapped) - 1} more attention "
-                         "layers) are wrapped, by LoRA adapters say; fused projections would drop them. Leave "
-                         "fusion off for a model with LoRA (or `unload_lora` first)")
+        more = f" and {len(wrapped) - 1} more attention layers" if len(wrapped) > 1 else ""
+        raise ValueError(f"fuse_qkv: the q/k/v projections of {wrapped[0]!r}{more} are wrapped, by LoRA adapters "
+                         "say; fused projections would drop them. Leave fusion off for a model with LoRA, or bake "
+                         "the LoRA in first (pipe.fuse_lora(), then pipe.unload_lora())")
     for m in list(model.modules()):
         if not isinstance(m, Attention) or m.to_qkv is not None or m.to_kv is not None:
             continue

@@ -59,6 +59,7 @@ def test_every_stage_launches_and_the_pipeline_loads(one_process_run):
     for stage in ("clip", "vae", "prior", "decoder"):
         log = metrics(out, stage)
         assert {"world_size": 1, "ranks_in_sync": True} in log
+        assert {"start_step": 0, "mixed_precision": "no", "processes": 1, "fsdp": False} in [r.get("run") for r in log]
         assert [r["step"] for r in log if "loss" in r] == [1, 2]
         assert all(r["loss"] == r["loss"] for r in log if "loss" in r)  # finite
     assert (out / "_work" / "decoder" / "validation-0000002.png").is_file()
@@ -661,3 +662,54 @@ def test_feature_cache_key_separates_text_only_runs(tmp_path):
     with_prior, text_only = features_key(cfg, tmp_path), features_key(dataclasses.replace(cfg, prior=None), tmp_path)
     assert with_prior != text_only
     assert features_key(cfg, tmp_path) == with_prior  # deterministic
+
+
+def test_resumed_optimizer_takes_the_configs_settings():
+    """`apply_optim_config` puts this run's lr (at the schedule's step), betas and weight decay into every param
+    group, and into what the schedule reports and multiplies from."""
+    from types import SimpleNamespace
+
+    from training.config import OptimConfig
+    from training.loop import apply_optim_config, lr_factor
+
+    model = torch.nn.Linear(3, 2)
+    old = OptimConfig(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2, lr_schedule="cosine")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=old.lr, betas=old.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, old, 10))
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    new = OptimConfig(lr=1e-5, betas=(0.8, 0.95), weight_decay=0.1, warmup_steps=2, lr_schedule="cosine")
+    printed = []
+    apply_optim_config(SimpleNamespace(name="vae", max_steps=10, print=printed.append), optimizer, scheduler, new)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-5 * lr_factor(4, new, 10))
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.1
+    assert scheduler.get_last_lr() == [group["lr"]]
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * lr_factor(5, new, 10))
+    assert "resuming with lr 1e-05" in printed[0]
+
+
+def test_a_step_the_fp16_scaler_skips_is_reported():
+    """`optimizer_step` tells a skipped fp16 step (inf gradients: the scaler lowers its scale) from a taken one."""
+    from training.loop import optimizer_step
+
+    model = torch.nn.Linear(3, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class ScaledOptimizer:  # what Accelerate's optimizer does in fp16: step through the scaler, then update it
+        def step(self) -> None:
+            scaler.step(inner)
+            scaler.update()
+
+    for bad, expected in ((False, False), (True, True)):
+        inner.zero_grad()
+        scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+        if bad:
+            model.weight.grad[0, 0] = float("inf")
+        before = model.weight.detach().clone()
+        assert optimizer_step(ScaledOptimizer(), scaler) is expected
+        assert torch.equal(model.weight, before) is expected
+    assert optimizer_step(inner, None) is False

@@ -180,7 +180,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         augment = [k for k in ("random_crop", "random_flip") if getattr(self.data, k)]
-        if self.decoder.cache and augment:
+        if self.decoder.cache and augment and self.data.source == "image_text":  # (the only source using them)
             raise ValueError(f"decoder.cache computes each image's latent once, which would freeze data.{augment[0]} "
                              f"to a single draw; set decoder.cache false or data.{augment[0]} false")
 

@@ -325,6 +325,7 @@ def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler
         # the schedule's own count (behind `step` by any fp16 steps the gradient scaler skipped)
         group.update(initial_lr=oc.lr, lr=oc.lr * lr_factor(inner.last_epoch, oc, stage.max_steps),
                      betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    inner._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports until the next step
     if old != (oc.lr, tuple(oc.betas), oc.weight_decay):
         stage.print(f"{stage.name}: resuming with lr {oc.lr}, betas {tuple(oc.betas)}, weight decay "
                     f"{oc.weight_decay} (the checkpoint's run had {old[0]}, {old[1]}, {old[2]})")
@@ -401,6 +402,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         stage.print(f"resumed from {checkpoint} at step {start}")
         apply_optim_config(stage, optimizer, scheduler, oc)
     set_aside_later_checkpoints(stage, start)
+    if acc.is_main_process:  # what this run used, beside the resolved config (whose mixed_precision may be null)
+        with open(stage.work_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"run": {"start_step": start, "mixed_precision": acc.mixed_precision,
+                                        "processes": world, "fsdp": stage.fsdp}}) + "\n")
 
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
                                stage.max_steps)
@@ -441,9 +446,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
         elif oc.max_grad_norm:
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
-        optimizer.step()
         # fp16: a step the gradient scaler skipped (inf/nan gradients) moves neither the schedule nor the EMA
-        if not getattr(optimizer, "step_was_skipped", False):
+        if not optimizer_step(optimizer, getattr(acc, "scaler", None)):
             scheduler.step()
             if ema is not None:
                 ema.update(acc.unwrap_model(wrapped))
@@ -496,6 +500,15 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     if validate is not None:  # (under --fsdp the main process validates its unsharded copy; the others wait)
         _run_validation(stage, final if stage.fsdp else wrapped, None, validate, end, metrics_path)
     return final
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> bool:
+    """`optimizer.step()` (Accelerate's, which steps and updates fp16's gradient scaler); True when the scaler
+    skipped the update for inf/nan gradients, read as a drop of its scale (a fused AdamW skips inside the kernel,
+    so the optimizer itself cannot tell). Without a scaler nothing is read: no wait for the device."""
+    before = scaler.get_scale() if scaler is not None else None
+    optimizer.step()
+    return scaler is not None and scaler.get_scale() < before
 
 
 def out_of_time(acc: Accelerator, deadline: float, step: int, every: int = 10) -> bool:
