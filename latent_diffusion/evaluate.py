@@ -160,7 +160,9 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
     """Generate `seeds` images per suite prompt for every setting (and the ablations) and score them.
     `image_guidance_scale`: the decoder's guidance towards the image embedding (None: the pipeline's default).
 
-    Image k of prompt p uses seed k, so settings and ablations see the same starting noise."""
+    Image k of prompt p draws from a generator seeded with k in every setting and ablation. The prior draws
+    from it first (the settings' sampler runs the prior too, unless the pipeline configures the prior's own), so
+    settings that change the prior's sampling, or skip the prior, also change the decoder's starting noise."""
     if pipe.image_encoder is None:
         raise ValueError("evaluation needs the pipeline's CLIP image encoder (image_encoder/)")
     expanded = [item for item in items for _ in range(seeds)]
@@ -218,13 +220,13 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
         for ablation in ABLATIONS:
             if ablation == "prior + decoder" and not has_prior:
                 continue
+            if ablation != "prior + decoder" and not pipe.decoder.config.uses_image_embeds:
+                continue  # a text-only decoder: nothing to take away or to give
             embeds = None
-            if ablation == "text only":
-                embeds = torch.zeros(len(expanded), pipe.decoder.config.image_embed_dim)
+            if ablation == "text only":  # a zero CLIP image embedding, as the image dropout trains it
+                embeds = torch.zeros_like(real_embeds)
             elif ablation == "true image embedding":
                 embeds = real_embeds
-            if ablation != "prior + decoder" and not pipe.decoder.config.uses_image_embeds:
-                continue
             t0 = time.perf_counter()
             images = generate(sampler, steps, embeds)
             results["ablations"][ablation] = report(images, time.perf_counter() - t0)
