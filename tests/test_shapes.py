@@ -202,3 +202,23 @@ def test_new_shapes_are_drawn_and_checked_but_never_sampled():
     assert accepted == 40 and rejected == 80
     with pytest.raises(ValueError, match="'hexagon'"):
         check(render(spec, rng), spec, extra_shapes=("hexagon",))
+
+
+def test_edits_never_introduce_held_out_pairs():
+    """Colour, shape and count edits (CLIP's hard negatives) respect the held-out pairs; without `exclude` the
+    same edits do produce them, so the test can fail."""
+    held_out = {("purple", "star"), ("cyan", "cross")}
+    shown = {"with": 0, "without": 0}
+    for i in range(3000):
+        spec = sample_spec(np.random.default_rng([5, i]), exclude=held_out)
+        kind = EDIT_KINDS[i % len(EDIT_KINDS)]
+        for key, exclude in (("with", held_out), ("without", None)):
+            edited = edit_spec(spec, kind, np.random.default_rng([6, i]), exclude)
+            if edited is not None:
+                shown[key] += any((o.color, o.shape) in held_out for o in edited.objects)
+    assert shown["with"] == 0 and shown["without"] > 0
+    from training.train_clip import hard_negative
+
+    captions = [hard_negative(sample_spec(np.random.default_rng([7, i]), exclude=held_out),
+                              np.random.default_rng([8, i]), EDIT_KINDS, held_out) for i in range(1000)]
+    assert not any(c and ("purple star" in c or "cyan cross" in c) for c in captions)

@@ -10,13 +10,13 @@ Writes `tokenizer/`, `text_encoder/` (CLIPTextModelWithProjection) and `image_en
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latent_diffusion.data.shapes import EDIT_KINDS, SceneSpec, caption, edit_spec
+from latent_diffusion.data.shapes import EDIT_KINDS, SceneSpec, caption, edit_spec, parse_pairs
 from latent_diffusion.evaluate import clip_binding
 from latent_diffusion.models.clip import (
     clip_config,
@@ -67,11 +67,13 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
     return loss
 
 
-def hard_negative(spec: SceneSpec, rng: np.random.Generator, kinds: Sequence[str] = EDIT_KINDS) -> str | None:
+def hard_negative(spec: SceneSpec, rng: np.random.Generator, kinds: Sequence[str] = EDIT_KINDS,
+                  exclude: Iterable[tuple[str, str]] | None = None) -> str | None:
     """The caption of `spec` after one edit of a stated attribute (by default colour, shape, size, position,
-    relation or count; `kinds` tried in random order), or None when no such edit exists."""
+    relation or count; `kinds` tried in random order), or None when no such edit exists. No edit shows a
+    held-out (colour, shape) pair of `exclude`."""
     for kind in rng.permutation(list(kinds)):
-        edited = edit_spec(spec, str(kind), rng)
+        edited = edit_spec(spec, str(kind), rng, exclude)
         if edited is not None:
             return caption(edited)
     return None
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         clip = CLIPModel(config)
         image_size = config.vision_config.image_size
         heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
+        # hard negatives must not show the held-out colour×shape pairs either
+        heldout_pairs = parse_pairs(", ".join(cfg.data.exclude_pairs)) if cfg.data.exclude_pairs else None
 
         def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
             return tokenizer(captions, padding="max_length", truncation=True, max_length=sc.max_length,
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             negatives = has_negative = None
             if sc.hard_negatives:  # one edited caption per image, drawn per global sample index
                 seeds = rnd.randint(2**31).tolist()
-                edited = [hard_negative(SceneSpec.from_dict(spec), np.random.default_rng(seed), kinds)
+                edited = [hard_negative(SceneSpec.from_dict(spec), np.random.default_rng(seed), kinds, heldout_pairs)
                           for spec, seed in zip(batch["spec"], seeds)]
                 has_negative = torch.tensor([float(e is not None) for e in edited], device=acc.device)
                 captions += [e or "" for e in edited]

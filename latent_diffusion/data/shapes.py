@@ -296,14 +296,17 @@ def sample_spec(
     return SceneSpec(tuple(objs), relations, stated)
 
 
-def edit_spec(spec: SceneSpec, kind: str, rng: np.random.Generator) -> SceneSpec | None:
+def edit_spec(spec: SceneSpec, kind: str, rng: np.random.Generator,
+              exclude: Iterable[tuple[str, str]] | None = None) -> SceneSpec | None:
     """A single-attribute edit of a *stated* attribute, still a possible scene, or None if none exists.
 
     ``kind``: "color"/"shape" (another value, keeping (colour, shape) pairs distinct), "size"/"cell" (of an object
     whose size/cell is stated; the layout must still fit), "relation" (flipped), "count" (add an object in a free
-    cell, or drop one together with its relations).
+    cell, or drop one together with its relations). No edit introduces a (colour, shape) pair of ``exclude`` (the
+    held-out pairs, which training text must not show).
     """
     _check_name("edit kind", kind, EDIT_KINDS)
+    excluded = _validate_pairs(exclude)
     objs = list(spec.objects)
     order = rng.permutation(len(objs))
     if kind == "relation":
@@ -323,17 +326,19 @@ def edit_spec(spec: SceneSpec, kind: str, rng: np.random.Generator) -> SceneSpec
             for _ in range(100):
                 color, shape = list(COLORS)[int(rng.integers(8))], SHAPES[int(rng.integers(6))]
                 new = ShapeObject(color, shape, list(SIZES)[int(rng.integers(3))], free[int(rng.integers(len(free)))])
-                if (color, shape) not in used and _layout_ok([*objs, new]):
+                if (color, shape) not in used and (color, shape) not in excluded and _layout_ok([*objs, new]):
                     return SceneSpec((*objs, new), spec.relations, (*spec.stated, frozenset()))
             return None
         return _drop(spec, int(order[0]))
     for i in map(int, order):
         o = objs[i]
         if kind == "color":
-            values = [c for c in COLORS if c != o.color and all((c, o.shape) != (p.color, p.shape) for p in objs)]
+            values = [c for c in COLORS if c != o.color and (c, o.shape) not in excluded
+                      and all((c, o.shape) != (p.color, p.shape) for p in objs)]
             candidates = [ShapeObject(c, o.shape, o.size, o.cell) for c in values]
         elif kind == "shape":
-            values = [s for s in SHAPES if s != o.shape and all((o.color, s) != (p.color, p.shape) for p in objs)]
+            values = [s for s in SHAPES if s != o.shape and (o.color, s) not in excluded
+                      and all((o.color, s) != (p.color, p.shape) for p in objs)]
             candidates = [replace(o, shape=s) for s in values]
         elif kind == "size":
             candidates = [replace(o, size=s) for s in SIZES if s != o.size]
