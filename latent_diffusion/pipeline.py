@@ -515,7 +515,7 @@ class TextToImagePipeline:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | tuple[str, ...] | None = None,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 25, prior_num_inference_steps: int = 25, guidance_scale: float = 5.0,
                  prior_guidance_scale: float = 4.0, sampler: str | None = None, prior_sampler: str | None = None,
@@ -539,7 +539,13 @@ class TextToImagePipeline:
             raise ValueError("prompt is an empty list; pass at least one prompt")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(n, str) for n in negative_prompt):
+            negatives = list(negative_prompt)  # one per prompt
+        else:
+            raise ValueError(f"negative_prompt must be a string or a list of strings (one per prompt), got "
+                            f"{negative_prompt!r}")
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         sampler, prior_sampler = self._samplers(sampler, prior_sampler)

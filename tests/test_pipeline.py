@@ -167,6 +167,7 @@ def test_slerp_endpoints_and_norm():
     (dict(sampler="plms"), "choose one of"),
     (dict(output_type="jpg"), "unknown output_type"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(negative_prompt=[("blue", "red")]), "negative_prompt must be a string or a list of strings"),
 ])
 def test_bad_arguments_are_named(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -245,3 +246,12 @@ def test_decoder_token_embeddings_reach_the_decoder_only(tiny_pipeline, tmp_path
     tiny_pipeline.config = replace(tiny_pipeline.config, decoder_token_embeddings=False)
     without = tiny_pipeline("a red circle on the left", seed=0, output_type="pt", **FAST).images
     assert (without - with_embeddings).abs().max() > 1e-4
+
+
+def test_negative_prompts_as_a_tuple_or_a_list(tiny_pipeline):
+    """One negative prompt per prompt, given as a list or a tuple, gives the same images."""
+    prompts = ["a red circle", "a blue square"]
+    a = tiny_pipeline(prompts, negative_prompt=["green", "yellow"], seed=0, output_type="pt", **FAST).images
+    b = tiny_pipeline(prompts, negative_prompt=("green", "yellow"), seed=0, output_type="pt", **FAST).images
+    c = tiny_pipeline(prompts, negative_prompt="green", seed=0, output_type="pt", **FAST).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
