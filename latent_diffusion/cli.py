@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None,
                    help="what the unconditional branch is given (default: the empty caption)")
     g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="sampler for both stages (default: the pipeline's, dpmpp_2m for our own pipelines)")
+                   help="sampler of the decoder, and of the prior unless the pipeline configures the prior's own "
+                        "(default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
     g.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")

@@ -136,6 +136,17 @@ def test_unet_matches_diffusers(tmp_path, name):
             assert rel_err(ours(x, t[:1], ctx[:1]), ref(x, t[:1], ctx[:1]).sample) < 1e-4
 
 
+def test_autoencoder_from_diffusers_refuses_per_channel_latent_statistics(tmp_path):
+    """A VAE whose latents are normalised per channel (latents_mean / latents_std) would load with the wrong
+    latent scale: refused by name."""
+    ref = diffusers.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(1.0, 1.1, 1.2, 1.3))
+    ref.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="latents_mean and latents_std"):
+        AutoencoderKL.from_diffusers(tmp_path)
+
+
 def test_unet_from_diffusers_refuses_unsupported(tmp_path):
     cfg = dict(UNET_CASES["sd15-like"])
     ref = diffusers.UNet2DConditionModel(**cfg, resnet_time_scale_shift="scale_shift")

@@ -247,6 +247,10 @@ class AutoencoderKL(nn.Module):
                 raise ValueError(f"{folder}: unsupported {key} {bad}; only {allowed} is supported")
         if raw.get("act_fn", "silu") != "silu":
             raise ValueError(f"{folder}: unsupported act_fn {raw['act_fn']!r}; only 'silu' is supported")
+        per_channel = [k for k in ("latents_mean", "latents_std") if raw.get(k) is not None]
+        if per_channel:  # a per-channel latent normalisation, which scaling_factor / shift_factor cannot express
+            raise ValueError(f"{folder}: unsupported {' and '.join(per_channel)} (per-channel latent statistics); "
+                             "only a scalar scaling_factor and shift_factor are supported")
         config = config_from_dict(AutoencoderKLConfig, {
             "in_channels": raw.get("in_channels", 3),
             "out_channels": raw.get("out_channels", 3),
