@@ -115,9 +115,11 @@ def with_concept(spec: SceneSpec, index: int, concept: Concept) -> SceneSpec:
     return SceneSpec(tuple(objects), spec.relations, spec.stated)
 
 
-def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int = 0, fraction: float = 0.75) -> None:
+def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int = 0, fraction: float = 0.75,
+               exclude: set[tuple[str, str]] | None = None) -> None:
     """An imagefolder of `num_images` captioned scenes, `fraction` of them with the concept (never the held-out
-    pair); the others are ordinary scenes that remind the model of what it knew."""
+    pair); the others are ordinary scenes that remind the model of what it knew. No scene shows a (colour, shape)
+    pair of `exclude` (the base pipeline's held-out pairs, which its evaluation suite tests as unseen)."""
     if num_images > 200:
         raise ValueError(f"--num-images {num_images}: the demo uses at most 200 images")
     if not 0 < fraction <= 1:
@@ -126,11 +128,11 @@ def write_data(folder: Path, concept: Concept, num_images: int = 200, seed: int 
     rows = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
-        spec = sample_spec(rng, max_objects=2)
+        spec = sample_spec(rng, exclude, max_objects=2)
         if int((i + 1) * fraction) > int(i * fraction):  # spread evenly: int(num_images * fraction) in all
             candidates = [j for j, o in enumerate(spec.objects) if not concept.is_heldout(o)]
             while not candidates:  # every object would make the held-out pair: draw another scene
-                spec = sample_spec(rng, max_objects=1)
+                spec = sample_spec(rng, exclude, max_objects=1)
                 candidates = [j for j, o in enumerate(spec.objects) if not concept.is_heldout(o)]
             spec = with_concept(spec, candidates[int(rng.integers(len(candidates)))], concept)
         name = f"{i:04d}.png"
@@ -307,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     concept = CONCEPTS[args.concept]
     out = Path(args.out or f"runs/{concept.name}")
     if args.step in ("data", "all"):
-        write_data(out / "data", concept, args.num_images, fraction=args.concept_fraction)
+        from latent_diffusion.cli import heldout_pairs
+
+        write_data(out / "data", concept, args.num_images, fraction=args.concept_fraction,
+                   exclude=set(heldout_pairs(Path(args.pipeline))))
         if args.replay:
             write_replay(out / "data", args.pipeline, args.replay, device=args.device)
     if args.step in ("train", "all"):

@@ -349,12 +349,14 @@ def test_teach_concept_data_shows_the_concept_but_never_the_heldout_pair(tmp_pat
 
     module = teach_concept_module()
     c = module.CONCEPTS[concept]
-    module.write_data(tmp_path, c, num_images=40)
+    base_heldout = {("purple", "star"), ("cyan", "cross")}  # the base pipeline's, never to be shown
+    module.write_data(tmp_path, c, num_images=40, exclude=base_heldout)
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     specs = [SceneSpec.from_dict(r["spec"]) for r in rows]
     with_concept = [s for s in specs if any(getattr(o, c.kind) == concept for o in s.objects)]
     assert len(with_concept) == 30  # three in four
     assert not any(c.is_heldout(o) and getattr(o, c.kind) == concept for s in specs for o in s.objects)
+    assert not any((o.color, o.shape) in base_heldout for s in specs for o in s.objects)
     assert all(concept in r["text"].split() for r, s in zip(rows, specs) if s in with_concept)
     groups = module.prompt_groups(c)
     assert list(groups) == [concept, c.heldout_group, "control"]

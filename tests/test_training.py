@@ -216,6 +216,21 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
     assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1]
     with pytest.raises(ValueError, match="max_minutes=0.0 must be > 0"):
         train_vae.main([*args, "--vae.optim.max_minutes", "0"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # `train_all --resume latest` passes every stage: the stopped-early stage counts as finished (retraining it
+    # would leave the later stages built on the old weights), and a skipped stage keeps its config record.
+    recorded = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    train_vae.main([*args, "--resume", "latest", "--data.exclude_pairs", "[purple star]"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert "vae: finished output exists" in capsys.readouterr().out
+    assert (tmp_path / "config.yaml").read_text() == recorded
+    assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1]
+    # Raising its max_steps past the finished run's 50 continues it.
+    train_vae.main([*args[:4], "--max-steps", "52", "--vae.optim.ema_decay", "0.9", "--vae.optim.checkpoint_every",
+                    "0", "--vae.optim.log_every", "51", "--resume", "latest"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1, 51, 52]
 
 
 def test_resumed_ema_stays_on_the_models_device():

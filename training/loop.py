@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -57,24 +58,44 @@ class Stage:
             tqdm.write(" ".join(str(a) for a in args))
 
     def done(self, component: str) -> bool:
-        """True when this stage's finished output exists and `--resume` does not ask for more steps (so
-        `train_all` can skip it)."""
-        if not ((self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()):
+        """True when this stage's finished output exists and `--resume` does not ask for more steps than the
+        finished run was given (so `train_all --resume latest` skips it, also when `optim.max_minutes` ended it
+        early; raise its max_steps to continue it)."""
+        marker = self.work_dir / "DONE"
+        if not (marker.is_file() and (self.output_dir / component).is_dir()):
             return False
         if self.resume is None:
             return True
-        found = list_checkpoints(self.work_dir)
+        finished_for = re.search(r"^max_steps (\d+)$", marker.read_text(), re.MULTILINE)
+        if finished_for is not None:
+            return self.max_steps <= int(finished_for.group(1))
+        found = list_checkpoints(self.work_dir)  # a marker from before max_steps was recorded in it
         return bool(found) and int(found[-1].name.split("-")[1]) >= self.max_steps
+
+    def skip_if_done(self, component: str) -> bool:
+        """True, after saying so, when `done(component)`. Otherwise records the resolved config in
+        OUTPUT_DIR/config.yaml and returns False: a skipped stage leaves the record of the run that trained it."""
+        if self.done(component):
+            self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping")
+            return True
+        self.record_config()
+        return False
+
+    def record_config(self) -> None:
+        if self.is_main:
+            save_config(self.config, self.output_dir / "config.yaml")
 
     def mark_done(self) -> None:
         if self.is_main:
-            (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                                                f"max_steps {self.max_steps}\n")
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
                 cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True) -> Stage:
-    """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision,
-    create the folders and save the resolved config (main process only)."""
+    """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision
+    and create the folders (main process only). The stage records its config once it knows it will train
+    (`Stage.skip_if_done`, `Stage.record_config`)."""
     config = load_config(args.config, overrides) if config is None else config
     oc = optim(config)
     fsdp = bool(getattr(args, "fsdp", False))
@@ -94,7 +115,6 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     work_dir = output_dir / "_work" / name
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
     if fsdp and accelerator.num_processes < 2:
         raise ValueError(f"{name}: --fsdp shards across processes but this run has one; launch with "
                          "`accelerate launch --multi_gpu --num_processes N` (N >= 2) or drop --fsdp")

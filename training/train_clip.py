@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__, "training.train_clip").parse_known_args(argv)
     stage = setup_stage("clip", args, overrides, lambda c: c.clip.optim, shardable=False)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("image_encoder"):
-        stage.print(f"clip: finished output exists in {stage.output_dir}; skipping")
+    if stage.skip_if_done("image_encoder"):
         return
     sc = cfg.clip
     out = stage.output_dir

@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__, "training.train_decoder").parse_known_args(argv)
     stage = setup_stage("decoder", args, overrides, lambda c: c.decoder.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("decoder"):
-        stage.print(f"decoder: finished output exists in {stage.output_dir}; skipping")
+    if stage.skip_if_done("decoder"):
         return
     dc, out = cfg.decoder, stage.output_dir
     pipe_cfg = pipeline_config(cfg)

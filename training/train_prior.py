@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prior is None:
         stage.print("prior: disabled in the config (prior: null); nothing to train")
         return
-    if stage.done("prior"):
-        stage.print(f"prior: finished output exists in {stage.output_dir}; skipping")
+    if stage.skip_if_done("prior"):
         return
     pc = cfg.prior
     pipe_cfg = PipelineConfig()

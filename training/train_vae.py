@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = stage_parser(__doc__, "training.train_vae").parse_known_args(argv)
     stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim)
     cfg, acc = stage.config, stage.accelerator
-    if stage.done("vae"):
-        stage.print(f"vae: finished output exists in {stage.output_dir}; skipping")
+    if stage.skip_if_done("vae"):
         return
     vc = cfg.vae
     dataset = build_dataset(cfg.data, cfg.seed)
