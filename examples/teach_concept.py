@@ -173,7 +173,10 @@ def write_replay(folder: Path, pipeline: str, num_images: int, seed: int = 7, de
 
 def train(pipeline: str, out: Path, concept: Concept, accelerate_args: str, extra: list[str],
           method: str = "lora") -> None:
-    """Run the fine-tune exactly as a user would type it."""
+    """Run the fine-tune exactly as a user would type it (from the repository root, so the paths are made
+    absolute first)."""
+    out = out.resolve()
+    pipeline = str(Path(pipeline).resolve()) if Path(pipeline).exists() else pipeline
     prompts = [x for p in concept.validation_prompts() for x in ("--validation-prompt", p)]
     lora = ["--rank", "8", "--alpha", "8"] if method == "lora" else []
     # The `accelerate` of this interpreter's environment, also when that environment is not activated.

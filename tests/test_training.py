@@ -730,3 +730,27 @@ def test_a_step_the_fp16_scaler_skips_is_reported():
         assert optimizer_step(ScaledOptimizer(), scaler) is expected
         assert torch.equal(model.weight, before) is expected
     assert optimizer_step(inner, None) is False
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(tmp_path, capsys):
+    """A checkpoint written without EMA resumed with `optim.ema_decay`: the EMA starts from the resumed weights
+    (it used to fail on the missing ema.safetensors)."""
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    common = ["--config", MICRO, "--output-dir", str(tmp_path)]
+    train_vae.main([*common, "--max-steps", "2", "--vae.optim.ema_decay", "null"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    train_vae.main([*common, "--max-steps", "3", "--vae.optim.ema_decay", "0.9", "--resume", "latest"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert "has no EMA weights" in capsys.readouterr().out
+    assert (tmp_path / "_work" / "vae" / "checkpoint-3" / "ema.safetensors").is_file()
+
+
+def test_gradient_checkpointing_where_a_stage_has_none_is_refused():
+    with pytest.raises(ValueError, match="vae.optim.gradient_checkpointing: the vae stage has no gradient"):
+        load_config(MICRO, ["--vae.optim.gradient_checkpointing", "true"])
+    with pytest.raises(ValueError, match="max_grad_norm=-1.0 must be > 0"):
+        load_config(MICRO, ["--vae.optim.max_grad_norm", "-1"])
+    assert load_config(MICRO, ["--clip.optim.gradient_checkpointing", "true"]).clip.optim.gradient_checkpointing

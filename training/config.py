@@ -58,6 +58,8 @@ class OptimConfig:
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optim.max_grad_norm={self.max_grad_norm} must be > 0, or null for no clipping")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"optim.ema_decay={self.ema_decay} must be in [0, 1), or null for no EMA")
 
@@ -179,6 +181,11 @@ class ExperimentConfig:
     decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
 
     def __post_init__(self) -> None:
+        for name in ("vae", "prior"):
+            stage = getattr(self, name)
+            if stage is not None and stage.optim.gradient_checkpointing:
+                raise ValueError(f"{name}.optim.gradient_checkpointing: the {name} stage has no gradient checkpointing "
+                                 "(the clip and decoder stages have); set it false")
         augment = [k for k in ("random_crop", "random_flip") if getattr(self.data, k)]
         if self.decoder.cache and augment and self.data.source == "image_text":  # (the only source using them)
             raise ValueError(f"decoder.cache computes each image's latent once, which would freeze data.{augment[0]} "

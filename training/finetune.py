@@ -222,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for module in modules.values():
             module.requires_grad_(True)
-    if oc.gradient_checkpointing and train_decoder:
+    if oc.gradient_checkpointing:
+        if not train_decoder:
+            raise ValueError(f"optim.gradient_checkpointing checkpoints the decoder, which is not among the fine-tuned "
+                             f"components {names}; add decoder or set it false")
         pipe.decoder.enable_gradient_checkpointing()
     # The CPU switches on every component, the frozen ones that run each step included (`fit` sees the trained
     # ones only); they change neither parameters nor state dicts.

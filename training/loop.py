@@ -228,7 +228,12 @@ class EMA:
     d_t = min(d, (1 + t) / (10 + t)). Checkpointed with the run; the exported weights are the EMA ones."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.step = decay, 0
+        self.decay = decay
+        self.restart(model)
+
+    def restart(self, model: torch.nn.Module) -> None:
+        """Start the average over at `model`'s current weights (step 0)."""
+        self.step = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
@@ -318,19 +323,25 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
         raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
                          f"optimizer state has another layout: resume {written} --fsdp")
-    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None else None
+    # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
+    has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
+    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None and has_ema else None
     if stage.fsdp:
         model.load_state_dict(sharding.shard_like(load_file(str(checkpoint / "model.safetensors")),
                                                   model.state_dict()))
         optim_state = torch.load(checkpoint / "optimizer.bin", weights_only=True) if acc.is_main_process else {}
         sharding.load_optimizer_state(model, optimizer, optim_state)
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
+        if ema_state is not None:
             ema_state = sharding.shard_like(ema_state, ema.shadow)
     else:
         acc.load_state(str(checkpoint))
-    if ema is not None:
+    if ema is not None and ema_state is not None:
         ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
+    elif ema is not None:
+        stage.print(f"{stage.name}: {checkpoint.name} has no EMA weights (written without optim.ema_decay); the EMA "
+                    "starts from the resumed weights")
+        ema.restart(acc.unwrap_model(model))
     return int(state["step"])
 
 

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 metrics |= {f"binding_{k}": v for k, v in clip_binding(embed, image, specs, cfg.seed).items()}
             return metrics
 
+        if sc.optim.gradient_checkpointing:  # transformers' own, in both towers
+            clip.gradient_checkpointing_enable()
         clip = fit(stage, clip, dataset, loss_fn, sc.optim, validate=validate)
 
     if acc.is_main_process:
