@@ -83,18 +83,18 @@ def test_clip_binding_scores_what_the_text_embedding_keeps():
 
 
 def test_ablations_of_a_text_only_decoder(tmp_path):
-    """A decoder without image conditioning (beside a prior and an image encoder) has nothing to ablate: only
-    "prior + decoder" runs, instead of a crash on the missing embedding width."""
+    """A text-only decoder (no prior; an image encoder for the scores) has nothing to ablate: no ablation runs,
+    instead of a crash on the missing embedding width."""
     from latent_diffusion.evaluate import evaluate
     from latent_diffusion.models import UNET_PRESETS, UNet
 
     from .conftest import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(tmp_path)
+    pipe = build_tiny_pipeline(tmp_path, with_prior=False)
     torch.manual_seed(0)
     pipe.decoder = UNet(UNET_PRESETS["tiny"])
     assert not pipe.decoder.config.uses_image_embeds
     setting = ("DDIM 2", "ddim", 2)
     results = evaluate(pipe, prompt_suite(1, 0, ()), seeds=1, settings=(setting,), ablation_setting=setting,
                        prior_steps=2, progress=False)
-    assert set(results["ablations"]) == {"prior + decoder"}
+    assert results["ablations"] == {} and results["samplers"]["DDIM 2"]["pass_rate"] >= 0

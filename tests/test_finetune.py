@@ -258,7 +258,7 @@ def test_full_finetune_of_the_vae_decoder_learns_the_images_and_keeps_the_encode
     from training.config import DataConfig
 
     run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--method", "full",
-                   "--components", "vae_decoder", "--max-steps", "6", "--optim.ema_decay", "0",
+                   "--components", "vae_decoder", "--max-steps", "6", "--optim.ema_decay", "null",
                    "--output-dir", str(tmp_path), *FAST)
     pipe, base = TextToImagePipeline.from_pretrained(tmp_path), TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
     new, old = pipe.vae.state_dict(), base.vae.state_dict()
@@ -400,3 +400,12 @@ def parse_pairs_in(text: str) -> set[tuple[str, str]]:
 
     words = text.split()
     return {(c, s) for c, s in zip(words, words[1:]) if c in COLORS and s in SHAPES}
+
+
+def test_gradient_checkpointing_without_the_decoder_is_refused(tiny_pipeline_dir, imagefolder, tmp_path):
+    """Fine-tuning checkpoints the decoder only: asked for while the decoder is not trained, it is refused by name
+    instead of being ignored."""
+    with pytest.raises(ValueError, match="gradient_checkpointing checkpoints the decoder"):
+        run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
+                       "prior", "--max-steps", "1", "--optim.gradient_checkpointing", "true", "--output-dir",
+                       str(tmp_path), *FAST)

@@ -221,9 +221,9 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
     # would leave the later stages built on the old weights), and a skipped stage keeps its config record.
     recorded = (tmp_path / "config.yaml").read_text()
     capsys.readouterr()
-    train_vae.main([*args, "--resume", "latest", "--data.exclude_pairs", "[purple star]"])
+    train_vae.main([*args, "--resume", "latest", "--data.exclude_pairs", "[cyan cross]"])
     AcceleratorState._reset_state(reset_partial_state=False)
-    assert "vae: finished output exists" in capsys.readouterr().out
+    assert "finished a run of max_steps 50: raise max_steps past that" in capsys.readouterr().out
     assert (tmp_path / "config.yaml").read_text() == recorded
     assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1]
     # Raising its max_steps past the finished run's 50 continues it.
@@ -284,7 +284,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="prediction_type='epsilon' cannot predict"):
         load_config(MICRO, ["--decoder.schedule.rescale_zero_terminal_snr", "true", "--decoder.min_snr_gamma", "null"])
     bad = [("batch_size", "0", ">= 1"), ("grad_accum", "0", ">= 1"), ("log_every", "0", ">= 1"),
-           ("warmup_steps", "-3", ">= 0"), ("lr", "-1e-4", ">= 0"), ("ema_decay", "1.5", r"in \[0, 1\)")]
+           ("warmup_steps", "-3", ">= 0"), ("lr", "-1e-4", ">= 0"), ("ema_decay", "0", r"in \(0, 1\)")]
     for key, value, allowed in bad:
         with pytest.raises(ValueError, match=f"optim.{key}=.* must be {allowed}"):
             load_config(MICRO, [f"--vae.optim.{key}", value])
@@ -754,3 +754,22 @@ def test_gradient_checkpointing_where_a_stage_has_none_is_refused():
     with pytest.raises(ValueError, match="max_grad_norm=-1.0 must be > 0"):
         load_config(MICRO, ["--vae.optim.max_grad_norm", "-1"])
     assert load_config(MICRO, ["--clip.optim.gradient_checkpointing", "true"]).clip.optim.gradient_checkpointing
+
+
+def test_clip_stage_checkpoints_gradients_when_asked(tmp_path, monkeypatch):
+    """`clip.optim.gradient_checkpointing` turns transformers' checkpointing on in the CLIP being trained."""
+    from accelerate.state import AcceleratorState
+    from transformers import CLIPModel
+
+    from training import train_clip
+
+    seen = []
+    real = CLIPModel.gradient_checkpointing_enable
+    monkeypatch.setattr(CLIPModel, "gradient_checkpointing_enable",
+                        lambda self, *a, **k: seen.append(self) or real(self, *a, **k))
+    try:
+        train_clip.main(["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "1",
+                         "--clip.optim.gradient_checkpointing", "true"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert len(seen) == 1 and seen[0].text_model.encoder.gradient_checkpointing

@@ -60,8 +60,8 @@ class OptimConfig:
             raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"optim.max_grad_norm={self.max_grad_norm} must be > 0, or null for no clipping")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"optim.ema_decay={self.ema_decay} must be in [0, 1), or null for no EMA")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay={self.ema_decay} must be in (0, 1), or null for no EMA")
 
 
 @dataclass(frozen=True)

@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
         stage.print(f"finetune: finished output exists in {out}; skipping (pass --resume latest to continue)")
         return
-    stage.record_config()
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
     names = list(cfg.components)

@@ -73,15 +73,18 @@ class Stage:
         return bool(found) and int(found[-1].name.split("-")[1]) >= self.max_steps
 
     def skip_if_done(self, component: str) -> bool:
-        """True, after saying so, when `done(component)`. Otherwise records the resolved config in
-        OUTPUT_DIR/config.yaml and returns False: a skipped stage leaves the record of the run that trained it."""
-        if self.done(component):
-            self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping")
-            return True
-        self.record_config()
-        return False
+        """True, after saying so, when `done(component)`."""
+        if not self.done(component):
+            return False
+        finished_for = re.search(r"^max_steps (\d+)$", (self.work_dir / "DONE").read_text(), re.MULTILINE)
+        hint = "" if self.resume is None or finished_for is None else \
+            f" (it finished a run of max_steps {finished_for.group(1)}: raise max_steps past that to continue it)"
+        self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
+        return True
 
     def record_config(self) -> None:
+        """Write the resolved config to OUTPUT_DIR/config.yaml (main process): done by a stage once it trains, so
+        a skipped or refused stage leaves the record of the run that trained it."""
         if self.is_main:
             save_config(self.config, self.output_dir / "config.yaml")
 
@@ -94,8 +97,8 @@ class Stage:
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
                 cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True) -> Stage:
     """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision
-    and create the folders (main process only). The stage records its config once it knows it will train
-    (`Stage.skip_if_done`, `Stage.record_config`)."""
+    and create the folders (main process only). The config is recorded once the stage trains (`fit`,
+    `Stage.record_config`)."""
     config = load_config(args.config, overrides) if config is None else config
     oc = optim(config)
     fsdp = bool(getattr(args, "fsdp", False))
@@ -410,6 +413,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     """
     acc = stage.accelerator
     world, rank = acc.num_processes, acc.process_index
+    stage.record_config()
     # Speed switches change how the model runs, never its parameters or state-dict keys; compilation comes last.
     speed.apply_speed(model, onednn=oc.onednn_linear, upsample=oc.transposed_upsample)
     if oc.compile:  # block by block, before sharding (as torchtitan orders them); state-dict keys are unchanged

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if sc.pretrained:  # Use a trained CLIP as is.
         from transformers import CLIPModel, CLIPTokenizer
 
+        stage.record_config()
         tokenizer = CLIPTokenizer.from_pretrained(sc.pretrained)
         clip = CLIPModel.from_pretrained(sc.pretrained, use_safetensors=True)
     else:
