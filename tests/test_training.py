@@ -223,7 +223,7 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
     capsys.readouterr()
     train_vae.main([*args, "--resume", "latest", "--data.exclude_pairs", "[cyan cross]"])
     AcceleratorState._reset_state(reset_partial_state=False)
-    assert "finished a run of max_steps 50: raise max_steps past that" in capsys.readouterr().out
+    assert "finished a run of max_steps 50: to continue it" in capsys.readouterr().out
     assert (tmp_path / "config.yaml").read_text() == recorded
     assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1]
     # Raising its max_steps past the finished run's 50 continues it.
@@ -231,6 +231,7 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
                     "0", "--vae.optim.log_every", "51", "--resume", "latest"])
     AcceleratorState._reset_state(reset_partial_state=False)
     assert [r["step"] for r in metrics(tmp_path, "vae") if "loss" in r] == [1, 51, 52]
+    assert "log_every: 51" in (tmp_path / "config.yaml").read_text()  # a stage that trains records its config
 
 
 def test_resumed_ema_stays_on_the_models_device():
@@ -773,3 +774,25 @@ def test_clip_stage_checkpoints_gradients_when_asked(tmp_path, monkeypatch):
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
     assert len(seen) == 1 and seen[0].text_model.encoder.gradient_checkpointing
+
+
+def test_clip_stage_takes_a_pretrained_clip_and_records_the_config(tmp_path):
+    """`clip.pretrained`: the stage copies a CLIP folder's towers and tokenizer in, and records the config."""
+    from accelerate.state import AcceleratorState
+    from transformers import CLIPModel
+
+    from latent_diffusion.models.clip import clip_config, train_clip_tokenizer
+    from training import train_clip
+
+    cfg = load_config(MICRO)
+    source, out = tmp_path / "clip", tmp_path / "out"
+    tokenizer = train_clip_tokenizer(["a red circle", "a blue square on the left"] * 8, source,
+                                     vocab_size=cfg.clip.vocab_size, model_max_length=cfg.clip.max_length)
+    CLIPModel(clip_config(cfg.clip.preset, tokenizer, max_position_embeddings=cfg.clip.max_length,
+                          image_size=cfg.data.image_size)).save_pretrained(source)
+    try:
+        train_clip.main(["--config", MICRO, "--output-dir", str(out), "--clip.pretrained", str(source)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert all((out / part).is_dir() for part in ("tokenizer", "text_encoder", "image_encoder"))
+    assert f"pretrained: {source}" in (out / "config.yaml").read_text()

@@ -77,14 +77,15 @@ class Stage:
         if not self.done(component):
             return False
         finished_for = re.search(r"^max_steps (\d+)$", (self.work_dir / "DONE").read_text(), re.MULTILINE)
-        hint = "" if self.resume is None or finished_for is None else \
-            f" (it finished a run of max_steps {finished_for.group(1)}: raise max_steps past that to continue it)"
+        steps = finished_for.group(1) if finished_for else "its"
+        hint = f" (it finished a run of max_steps {steps}: to continue it, pass --resume latest and a larger max_steps)"
         self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
         return True
 
     def record_config(self) -> None:
-        """Write the resolved config to OUTPUT_DIR/config.yaml (main process): done by a stage once it trains, so
-        a skipped or refused stage leaves the record of the run that trained it."""
+        """Write the resolved config to OUTPUT_DIR/config.yaml (main process): done by a stage once it is about to
+        train (`fit`, past its checks), so a skipped or refused stage leaves the record of the run that trained
+        it."""
         if self.is_main:
             save_config(self.config, self.output_dir / "config.yaml")
 
@@ -413,7 +414,6 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     """
     acc = stage.accelerator
     world, rank = acc.num_processes, acc.process_index
-    stage.record_config()
     # Speed switches change how the model runs, never its parameters or state-dict keys; compilation comes last.
     speed.apply_speed(model, onednn=oc.onednn_linear, upsample=oc.transposed_upsample)
     if oc.compile:  # block by block, before sharding (as torchtitan orders them); state-dict keys are unchanged
@@ -437,6 +437,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         stage.print(f"resumed from {checkpoint} at step {start}")
         apply_optim_config(stage, optimizer, scheduler, oc)
     set_aside_later_checkpoints(stage, start)
+    stage.record_config()  # past every refusal: the run trains from here
     if acc.is_main_process:  # what this run used, beside the resolved config (whose mixed_precision may be null)
         with open(stage.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"run": {"start_step": start, "mixed_precision": acc.mixed_precision,

@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     if sc.pretrained:  # Use a trained CLIP as is.
         from transformers import CLIPModel, CLIPTokenizer
 
-        stage.record_config()
         tokenizer = CLIPTokenizer.from_pretrained(sc.pretrained)
         clip = CLIPModel.from_pretrained(sc.pretrained, use_safetensors=True)
+        stage.record_config()
     else:
         dataset = build_dataset(cfg.data, cfg.seed)
         if acc.is_main_process:
