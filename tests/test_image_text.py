@@ -122,6 +122,12 @@ def test_metadata_listing_a_missing_file_is_not_fatal(tmp_path):
     assert dataset.skipped == 1
 
 
+def test_several_captions_per_image_are_reported(folders):
+    """The jsonl folder gives a list of captions per image, the csv one a single caption."""
+    assert make(folders).several_captions
+    assert not make(folders, "csv", caption_column="caption").several_captions
+
+
 def test_csv_metadata_and_caption_column(folders):
     dataset = make(folders, "csv", caption_column="caption", random_crop=True)
     assert sorted(dataset.captions()) == ["a red, wide thing", "blue"]

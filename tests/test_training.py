@@ -523,6 +523,29 @@ dist.destroy_process_group()
     assert result.stdout.split("\n")[-2] == "torch.float32 [257.0, 999.0]"
 
 
+def test_decoder_cache_refuses_several_captions_per_image(one_process_run, tmp_path):
+    """The cache encodes one caption per image: data with several is refused before any encoding."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    from training import train_decoder
+
+    shutil.copytree(one_process_run, tmp_path / "run", ignore=shutil.ignore_patterns("decoder"))
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(data / "red.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "text": ["red", "a red square"]}) + "\n")
+    args = ["--config", MICRO, "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--decoder.cache", "true",
+            "--data.source", "image_text", "--data.train_data_dir", str(data)]
+    try:
+        with pytest.raises(ValueError, match="several captions per image"):
+            train_decoder.main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def test_decoder_feature_cache_is_kept_and_reused_on_resume(one_process_run, tmp_path, capsys):
     """`decoder.cache`: the features are written once, reused by `--resume`, and give the same weights as a run
     computing them on the fly."""

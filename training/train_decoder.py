@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     speed.apply_speed(vae, onednn=dc.optim.onednn_linear)
     use_image = cfg.prior is not None
     dataset = build_dataset(cfg.data, cfg.seed)
+    if dc.cache and getattr(dataset, "several_captions", False):
+        raise ValueError("decoder.cache encodes each image with one caption, but this data gives several captions "
+                         "per image (drawn afresh each epoch); set decoder.cache false to train on all of them")
     empty = encode_batch(tokenizer, text_encoder, None, [""], None, pipe_cfg.image_mean, pipe_cfg.image_std,
                          dc.token_embeddings)
 

@@ -279,6 +279,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return len(self._data)
 
     @property
+    def several_captions(self) -> bool:
+        """True when the caption column holds lists (several captions per image, one drawn per access)."""
+        from datasets import Value
+
+        return not isinstance(self._data.features[self.caption_column], Value)
+
+    @property
     def skipped(self) -> int:
         """Distinct unreadable images met so far in this process."""
         return len(self._bad)
