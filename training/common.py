@@ -15,13 +15,20 @@ from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from training.config import DataConfig
 
 
+def excluded_pairs(cfg: DataConfig) -> set[tuple[str, str]] | None:
+    """The (colour, shape) pairs `data.exclude_pairs` holds out of training, or None."""
+    from latent_diffusion.data.shapes import parse_pairs
+
+    return parse_pairs(", ".join(cfg.exclude_pairs)) if cfg.exclude_pairs else None
+
+
 def build_dataset(cfg: DataConfig, seed: int, heldout: bool = False) -> Dataset:
     """The training set described by `cfg`. `heldout` gives a disjoint evaluation set for synthetic sources
     (another seed) and the same set for user data."""
     if cfg.source == "shapes":
-        from latent_diffusion.data.shapes import ShapesDataset, parse_pairs
+        from latent_diffusion.data.shapes import ShapesDataset
 
-        exclude = parse_pairs(", ".join(cfg.exclude_pairs)) if cfg.exclude_pairs else None
+        exclude = excluded_pairs(cfg)
         n = min(cfg.num_samples, 2048) if heldout else cfg.num_samples
         return ShapesDataset(n, seed=seed + (1_000_003 if heldout else 0), image_size=cfg.image_size, exclude=exclude)
     if cfg.source == "emoji":

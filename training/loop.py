@@ -61,24 +61,29 @@ class Stage:
         """True when this stage's finished output exists and `--resume` does not ask for more steps than the
         finished run was given (so `train_all --resume latest` skips it, also when `optim.max_minutes` ended it
         early; raise its max_steps to continue it)."""
-        marker = self.work_dir / "DONE"
-        if not (marker.is_file() and (self.output_dir / component).is_dir()):
+        if not ((self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()):
             return False
         if self.resume is None:
             return True
-        finished_for = re.search(r"^max_steps (\d+)$", marker.read_text(), re.MULTILINE)
+        finished_for = self.finished_for()
         if finished_for is not None:
-            return self.max_steps <= int(finished_for.group(1))
+            return self.max_steps <= finished_for
         found = list_checkpoints(self.work_dir)  # a marker from before max_steps was recorded in it
-        return bool(found) and int(found[-1].name.split("-")[1]) >= self.max_steps
+        return bool(found) and checkpoint_step(found[-1]) >= self.max_steps
+
+    def finished_for(self) -> int | None:
+        """The max_steps of the run that marked this stage DONE (None: no marker, or one that does not say)."""
+        marker = self.work_dir / "DONE"
+        found = re.search(r"^max_steps (\d+)$", marker.read_text(), re.MULTILINE) if marker.is_file() else None
+        return int(found.group(1)) if found else None
 
     def skip_if_done(self, component: str) -> bool:
         """True, after saying so, when `done(component)`."""
         if not self.done(component):
             return False
-        finished_for = re.search(r"^max_steps (\d+)$", (self.work_dir / "DONE").read_text(), re.MULTILINE)
-        steps = finished_for.group(1) if finished_for else "its"
-        hint = f" (it finished a run of max_steps {steps}: to continue it, pass --resume latest and a larger max_steps)"
+        finished_for = self.finished_for()
+        run = f"a run of max_steps {finished_for}" if finished_for is not None else "its run"
+        hint = f" (it finished {run}: to continue it, pass --resume latest and a larger max_steps)"
         self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
         return True
 
@@ -272,7 +277,12 @@ class EMA:
 def list_checkpoints(work_dir: Path) -> list[Path]:
     """Complete checkpoints (those with `trainer_state.json`), oldest first."""
     found = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    return int(path.name.split("-")[1])
 
 
 def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None, model: torch.nn.Module | None = None,
@@ -373,7 +383,7 @@ def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
     acc = stage.accelerator
     if acc.is_main_process:
         for old in list_checkpoints(stage.work_dir):
-            if int(old.name.split("-")[1]) > step:
+            if checkpoint_step(old) > step:
                 target = old.with_name(f"stale-{old.name}")
                 if target.exists():
                     target = old.with_name(f"stale-{old.name}-{time.strftime('%Y%m%d-%H%M%S')}")

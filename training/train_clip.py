@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latent_diffusion.data.shapes import EDIT_KINDS, SceneSpec, caption, edit_spec, parse_pairs
+from latent_diffusion.data.shapes import EDIT_KINDS, SceneSpec, caption, edit_spec
 from latent_diffusion.evaluate import clip_binding
 from latent_diffusion.models.clip import (
     clip_config,
@@ -24,7 +24,7 @@ from latent_diffusion.models.clip import (
     split_clip_model,
     train_clip_tokenizer,
 )
-from training.common import build_dataset, dataset_captions
+from training.common import build_dataset, dataset_captions, excluded_pairs
 from training.config import stage_parser
 from training.loop import fit, setup_stage
 
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         clip = CLIPModel(config)
         image_size = config.vision_config.image_size
         heldout = build_dataset(cfg.data, cfg.seed, heldout=True)
-        # hard negatives must not show the held-out colour×shape pairs either
-        heldout_pairs = parse_pairs(", ".join(cfg.data.exclude_pairs)) if cfg.data.exclude_pairs else None
+        heldout_pairs = excluded_pairs(cfg.data)  # hard negatives must not show them either
 
         def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
             return tokenizer(captions, padding="max_length", truncation=True, max_length=sc.max_length,
