@@ -1,6 +1,6 @@
 """The training machinery every stage shares, written once: Accelerate set-up, step-indexed data, per-step
-randomness, AdamW with warmup + cosine/constant LR, EMA, atomic checkpoints with exact resume, NaN guard,
-JSONL metrics and a tqdm bar on the main process.
+randomness, AdamW with warmup + cosine/constant LR, EMA, exact resume (the checkpoints themselves are
+training/checkpoint.py), NaN guard, JSONL metrics and a tqdm bar on the main process.
 
 Exactness by construction: the samples of global step s, and the noise drawn for them, depend only on
 (seed, s), never on how many processes run or where a run was resumed. Each process takes its contiguous
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -26,13 +24,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from latent_diffusion import speed
-from latent_diffusion.io import save_safetensors
 from training import sharding
+from training.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
 
 
@@ -273,92 +277,7 @@ class EMA:
         self.shadow = {k: v.to(self.shadow[k].device, torch.float32) for k, v in state["shadow"].items()}
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------
-def list_checkpoints(work_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with `trainer_state.json`), oldest first."""
-    found = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    """N of a `checkpoint-N` folder."""
-    return int(path.name.split("-")[1])
-
-
-def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> Path:
-    """Write a checkpoint into a temporary folder, then rename it atomically: a kill mid-save never leaves a broken
-    checkpoint. Keeps the newest `limit`. Data-parallel runs use accelerator.save_state; sharded (--fsdp) runs pass
-    `model`, `optimizer` and `scheduler` and are written in full form by rank 0 (same file names). The EMA weights
-    go to `ema.safetensors` either way."""
-    acc = stage.accelerator
-    final = stage.work_dir / f"checkpoint-{step}"
-    tmp = stage.work_dir / f".checkpoint-{step}.tmp"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    state: dict[str, Any] = {"step": step}
-    if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
-        weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
-        optim_state = sharding.optimizer_state(model, optimizer)
-        shadow = sharding.full_tensors(ema.shadow, keep=acc.is_main_process) if ema is not None else None
-        state.update(fsdp=True, scheduler=scheduler.state_dict())
-        if acc.is_main_process:
-            tmp.mkdir(parents=True)
-            save_safetensors(tmp / "model.safetensors", weights)
-            torch.save(optim_state, tmp / "optimizer.bin")
-    else:
-        acc.save_state(str(tmp), safe_serialization=True)
-        shadow = ema.shadow if ema is not None else None
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        # Global RNG states are not needed (data and noise are indexed by step) and are pickles: drop them.
-        for rng_state in tmp.glob("random_states_*.pkl"):
-            rng_state.unlink()
-        if ema is not None:
-            save_safetensors(tmp / "ema.safetensors", shadow)
-            state["ema_step"] = ema.step
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(stage.work_dir)[:-limit] if limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, ema: EMA | None) -> int:
-    """Restore what `save_checkpoint` wrote and return its step."""
-    acc = stage.accelerator
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    if bool(state.get("fsdp")) != stage.fsdp:
-        written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
-        raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
-                         f"optimizer state has another layout: resume {written} --fsdp")
-    # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
-    has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
-    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None and has_ema else None
-    if stage.fsdp:
-        model.load_state_dict(sharding.shard_like(load_file(str(checkpoint / "model.safetensors")),
-                                                  model.state_dict()))
-        optim_state = torch.load(checkpoint / "optimizer.bin", weights_only=True) if acc.is_main_process else {}
-        sharding.load_optimizer_state(model, optimizer, optim_state)
-        scheduler.load_state_dict(state["scheduler"])
-        if ema_state is not None:
-            ema_state = sharding.shard_like(ema_state, ema.shadow)
-    else:
-        acc.load_state(str(checkpoint))
-    if ema is not None and ema_state is not None:
-        ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
-    elif ema is not None:
-        stage.print(f"{stage.name}: {checkpoint.name} has no EMA weights (written without optim.ema_decay); the EMA "
-                    "starts from the resumed weights")
-        ema.restart(acc.unwrap_model(model))
-    return int(state["step"])
-
-
+# --- resume -----------------------------------------------------------------------------------------------
 def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler: Any, oc: OptimConfig) -> None:
     """Give the resumed optimizer and schedule this run's lr, betas and weight decay: a checkpoint restores those of
     the run that wrote it, so `--resume latest --<stage>.optim.lr 1e-5` would otherwise keep the old rate."""
@@ -374,37 +293,6 @@ def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler
     if old != (oc.lr, tuple(oc.betas), oc.weight_decay):
         stage.print(f"{stage.name}: resuming with lr {oc.lr}, betas {tuple(oc.betas)}, weight decay "
                     f"{oc.weight_decay} (the checkpoint's run had {old[0]}, {old[1]}, {old[2]})")
-
-
-def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
-    """Rename the checkpoints past `step` (an earlier run's, in the same output folder) to `stale-checkpoint-N`: kept,
-    but out of reach of the rotation, which would delete this run's checkpoints first, and of `--resume latest`,
-    which would continue the other run."""
-    acc = stage.accelerator
-    if acc.is_main_process:
-        for old in list_checkpoints(stage.work_dir):
-            if checkpoint_step(old) > step:
-                target = old.with_name(f"stale-{old.name}")
-                if target.exists():
-                    target = old.with_name(f"stale-{old.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(old, target)
-                stage.print(f"{stage.name}: {old.name} is from a run past step {step}; moved to {target.name}")
-    acc.wait_for_everyone()
-
-
-def resolve_resume(stage: Stage) -> Path | None:
-    if stage.resume is None:
-        return None
-    if stage.resume == "latest":
-        found = list_checkpoints(stage.work_dir)
-        if not found:
-            stage.print(f"--resume latest: no checkpoint in {stage.work_dir}; starting from step 0")
-            return None
-        return found[-1]
-    path = Path(stage.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
-    return path
 
 
 # --- the loop -------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""Checkpoints of a training stage: written atomically (a temporary folder, then one rename), rotated, found again
+for `--resume latest`, and restored exactly (model, optimizer, LR schedule, EMA). Weights are safetensors; the
+optimizer state of a sharded run is a tensors-only `torch.save`, loaded with `weights_only=True`.
+
+Folder layout under a stage's work folder: `checkpoint-N/` (N = optimiser steps done) holding Accelerate's state
+(or, under `--fsdp`, `model.safetensors` + `optimizer.bin`), `ema.safetensors` and `trainer_state.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from latent_diffusion.io import save_safetensors
+from training import sharding
+
+if TYPE_CHECKING:
+    from training.loop import EMA, Stage
+
+
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with `trainer_state.json`), oldest first."""
+    found = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    return int(path.name.split("-")[1])
+
+
+def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> Path:
+    """Write a checkpoint into a temporary folder, then rename it atomically: a kill mid-save never leaves a broken
+    checkpoint. Keeps the newest `limit`. Data-parallel runs use accelerator.save_state; sharded (--fsdp) runs pass
+    `model`, `optimizer` and `scheduler` and are written in full form by rank 0 (same file names). The EMA weights
+    go to `ema.safetensors` either way."""
+    acc = stage.accelerator
+    final = stage.work_dir / f"checkpoint-{step}"
+    tmp = stage.work_dir / f".checkpoint-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    state: dict[str, Any] = {"step": step}
+    if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
+        weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
+        optim_state = sharding.optimizer_state(model, optimizer)
+        shadow = sharding.full_tensors(ema.shadow, keep=acc.is_main_process) if ema is not None else None
+        state.update(fsdp=True, scheduler=scheduler.state_dict())
+        if acc.is_main_process:
+            tmp.mkdir(parents=True)
+            save_safetensors(tmp / "model.safetensors", weights)
+            torch.save(optim_state, tmp / "optimizer.bin")
+    else:
+        acc.save_state(str(tmp), safe_serialization=True)
+        shadow = ema.shadow if ema is not None else None
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        # Global RNG states are not needed (data and noise are indexed by step) and are pickles: drop them.
+        for rng_state in tmp.glob("random_states_*.pkl"):
+            rng_state.unlink()
+        if ema is not None:
+            save_safetensors(tmp / "ema.safetensors", shadow)
+            state["ema_step"] = ema.step
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(stage.work_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, ema: EMA | None) -> int:
+    """Restore what `save_checkpoint` wrote and return its step."""
+    acc = stage.accelerator
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if bool(state.get("fsdp")) != stage.fsdp:
+        written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
+        raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
+                         f"optimizer state has another layout: resume {written} --fsdp")
+    # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
+    has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
+    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None and has_ema else None
+    if stage.fsdp:
+        model.load_state_dict(sharding.shard_like(load_file(str(checkpoint / "model.safetensors")),
+                                                  model.state_dict()))
+        optim_state = torch.load(checkpoint / "optimizer.bin", weights_only=True) if acc.is_main_process else {}
+        sharding.load_optimizer_state(model, optimizer, optim_state)
+        scheduler.load_state_dict(state["scheduler"])
+        if ema_state is not None:
+            ema_state = sharding.shard_like(ema_state, ema.shadow)
+    else:
+        acc.load_state(str(checkpoint))
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
+    elif ema is not None:
+        stage.print(f"{stage.name}: {checkpoint.name} has no EMA weights (written without optim.ema_decay); the EMA "
+                    "starts from the resumed weights")
+        ema.restart(acc.unwrap_model(model))
+    return int(state["step"])
+
+
+def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
+    """Rename the checkpoints past `step` (an earlier run's, in the same output folder) to `stale-checkpoint-N`: kept,
+    but out of reach of the rotation, which would delete this run's checkpoints first, and of `--resume latest`,
+    which would continue the other run."""
+    acc = stage.accelerator
+    if acc.is_main_process:
+        for old in list_checkpoints(stage.work_dir):
+            if checkpoint_step(old) > step:
+                target = old.with_name(f"stale-{old.name}")
+                if target.exists():
+                    target = old.with_name(f"stale-{old.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(old, target)
+                stage.print(f"{stage.name}: {old.name} is from a run past step {step}; moved to {target.name}")
+    acc.wait_for_everyone()
+
+
+def resolve_resume(stage: Stage) -> Path | None:
+    """The checkpoint `--resume` names: None (start at step 0), `latest` (the newest complete one in the work
+    folder, or None when there is none) or a checkpoint folder's path."""
+    if stage.resume is None:
+        return None
+    if stage.resume == "latest":
+        found = list_checkpoints(stage.work_dir)
+        if not found:
+            stage.print(f"--resume latest: no checkpoint in {stage.work_dir}; starting from step 0")
+            return None
+        return found[-1]
+    path = Path(stage.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
