@@ -12,7 +12,10 @@ Sections, in order of priority (each is skipped, and says so, once `--budget-s` 
    samples/s, MFU (FLOPs of one step counted with torch.utils.flop_counter.FlopCounterMode), peak memory —
    with and without gradient checkpointing, for each of `--train-impls`: ours + switches (channels_last + fused
    q/k/v), ours + fuse (NCHW: CUDA's GroupNorm has no channels_last kernel in some torch versions and converts
-   its input), diffusers; with `--train-compile` also each under whole-model `torch.compile` (no checkpointing;
+   its input), diffusers; two probes of where the eager step loses time, on ours + fuse: `+lpnorm` runs
+   GroupNorm/LayerNorm in the autocast dtype (autocast otherwise upcasts them, so every norm reads bf16 and writes
+   fp32), `+cudnn` prefers cuDNN's attention kernel in SDPA; with `--train-compile` also each under whole-model
+   `torch.compile` (no checkpointing;
    the compile time is reported, the FLOPs are the eager model's); with `--train-profile` the operators that take
    the time of one eager step of each implementation (torch.profiler, top 25 by device time).
 4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain, channels_last, and with
@@ -29,6 +32,7 @@ renamed in memory), and the max relative output difference is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import sys
@@ -151,8 +155,49 @@ def inference_section(args: argparse.Namespace, device: torch.device, dtype: tor
     return rows
 
 
+class LowPrecisionGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm in its input's dtype under autocast (statistics still accumulate in fp32 inside the kernel);
+    autocast would run it, and so the SiLU after it, in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class LowPrecisionLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm in its input's dtype under autocast (see LowPrecisionGroupNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def low_precision_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap the class of every affine GroupNorm/LayerNorm (weights untouched): the `+lpnorm` training probe."""
+    for m in model.modules():
+        if type(m) is torch.nn.GroupNorm and m.affine:
+            m.__class__ = LowPrecisionGroupNorm
+        elif type(m) is torch.nn.LayerNorm and m.elementwise_affine and m.bias is not None:
+            m.__class__ = LowPrecisionLayerNorm
+    return model
+
+
+def attention_context(impl: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of the SDPA-backend context of each step: for the `+cudnn` probe cuDNN's kernel first, then
+    flash, memory-efficient and math; otherwise torch's own choice."""
+    if "+cudnn" not in impl:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return lambda: sdpa_kernel(order if device.type == "cuda" else [SDPBackend.MATH], set_priority=True)
+
+
 def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, batch: int, latent: int,
-                  tokens: int, context_dim: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+                  tokens: int, context_dim: int,
+                  attention: Callable[[], Any] = contextlib.nullcontext,
+                  ) -> tuple[Callable[[], None], torch.optim.Optimizer]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     target = torch.randn_like(x)
@@ -162,11 +207,12 @@ def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, ba
     autocast = speed.bf16_autocast(device, enabled=device.type == "cuda")
 
     def step() -> None:
-        with autocast:
-            out = model(x, t, ctx)
-            out = out.sample if is_ref else out
-            loss = F.mse_loss(out.float(), target)
-        loss.backward()
+        with attention():  # the backward too: gradient checkpointing recomputes attention there
+            with autocast:
+                out = model(x, t, ctx)
+                out = out.sample if is_ref else out
+                loss = F.mse_loss(out.float(), target)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -192,6 +238,8 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
             ours, ref = build_unets(config, device, torch.float32)
             model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=base == "ours+switches",
                                                                       fuse=True)
+            if "+lpnorm" in base:
+                low_precision_norms(model)
             del ours, ref
             model.train()
             if ckpt:
@@ -202,7 +250,7 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             step, opt = train_step_fn(model, base == "diffusers", device, args.train_batch, args.latent,
-                                      args.tokens, config.context_dim)
+                                      args.tokens, config.context_dim, attention_context(base, device))
             start = time.perf_counter()
             step()  # compiles, for a compiled model
             compile_s = time.perf_counter() - start if impl != base else None
@@ -326,8 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-compile", action="store_true",
                         help="training section: also whole-model torch.compile on ours and diffusers (MFU)")
     parser.add_argument("--train-impls", nargs="+", default=["ours+switches", "diffusers"],
-                        choices=["ours+switches", "ours+fuse", "diffusers"],
-                        help="training section: the implementations timed (ours+fuse: NCHW, fused q/k/v)")
+                        choices=["ours+switches", "ours+fuse", "ours+fuse+lpnorm", "ours+fuse+cudnn", "diffusers"],
+                        help="training section: the implementations timed (ours+fuse: NCHW, fused q/k/v; "
+                             "+lpnorm: norms in bf16; +cudnn: cuDNN attention first)")
     parser.add_argument("--train-profile", action="store_true",
                         help="training section: print the top operators of one eager step of each implementation")
     parser.add_argument("--compiled-batches", nargs="*", type=int, default=None,
