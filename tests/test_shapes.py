@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from latent_diffusion.data.checker import check, check_detections, detect
 from latent_diffusion.data.shapes import (
@@ -149,6 +150,19 @@ def test_checker_accepts_real_pairs(real):
     assert check(image, spec).passed and check(np.asarray(image), spec).passed
     blank = np.full((64, 64, 3), 255, dtype=np.uint8)
     assert check(blank, spec).failed[0] == "count"
+
+
+def test_checker_reads_float_arrays_and_transparency():
+    """[0, 1] floats (the pipeline's output_type="np") and a transparent-background PNG of a true scene pass;
+    arrays outside the stated ranges are refused, not wrapped into another colour."""
+    spec, image = ShapesDataset(3, seed=7).sample(2)
+    assert check(np.asarray(image).astype(np.float32) / 255, spec).passed
+    rgba = np.dstack([np.asarray(image), np.full((64, 64), 255, np.uint8)])
+    rgba[(rgba[..., :3] == 255).all(-1)] = (0, 0, 0, 0)  # white background -> transparent black
+    assert check(Image.fromarray(rgba, "RGBA"), spec).passed
+    for bad in (np.asarray(image) / 127.5 - 1, np.asarray(image).astype(np.int16) * 2):
+        with pytest.raises(ValueError, match="values in"):
+            check(bad, spec)
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)

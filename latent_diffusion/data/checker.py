@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from latent_diffusion.data.image_text import to_rgb
 from latent_diffusion.data.shapes import (
     COLORS,
     EDIT_KINDS,
@@ -146,17 +147,28 @@ def _steps(mask: np.ndarray) -> np.ndarray:
 
 
 def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A Pillow image (any mode; transparency composited on white) or an (H, W, 3) array -> (64, 64, 3) uint8.
+    Arrays are integers in [0, 255] or floating point in [0, 1] (what `pipe(..., output_type="np")` returns)."""
     if isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if image.size != (64, 64):
             image = image.resize((64, 64), Image.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {arr.shape}")
+        raise ValueError(f"expected an (H, W, 3) array, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and (arr.min() < 0 or arr.max() > 1):
+            raise ValueError(f"a floating-point image must lie in [0, 1], got values in [{arr.min():.3g}, "
+                             f"{arr.max():.3g}]; pass uint8 for [0, 255]")
+        arr = np.rint(arr * 255)
+    elif not np.issubdtype(arr.dtype, np.integer) or (arr.size and (arr.min() < 0 or arr.max() > 255)):
+        raise ValueError(f"expected a uint8 [0, 255] or floating-point [0, 1] image, got dtype {arr.dtype}"
+                         + (f" with values in [{arr.min()}, {arr.max()}]" if arr.size and arr.dtype != bool else ""))
+    arr = arr.astype(np.uint8)
     if arr.shape[:2] != (64, 64):
-        return _to_array(Image.fromarray(arr.astype(np.uint8)))
-    return arr.astype(np.uint8)
+        return _to_array(Image.fromarray(arr))
+    return arr
 
 
 def detect(image: Image.Image | np.ndarray, extra_colors: Mapping[str, Sequence[int]] | None = None,
