@@ -122,6 +122,41 @@ def test_metadata_listing_a_missing_file_is_not_fatal(tmp_path):
     assert dataset.skipped == 1
 
 
+def test_unreadable_images_met_by_dataloader_workers_are_counted(folders):
+    """Workers flag bad items in shared memory: the main process's count includes them (fine-tuning reports it)."""
+    dataset = make(folders)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=lambda batch: batch)
+    assert sum(len(batch) for batch in loader) == len(dataset)
+    assert dataset.skipped == 1
+
+
+def test_relative_paths_resolve_next_to_the_data_file(tmp_path, monkeypatch):
+    """A path listed in a data file is relative to that file's folder, even when the current directory holds a
+    file of the same name, and for data files in subfolders of the folder given."""
+    sub = tmp_path / "data" / "sub"
+    (sub / "pics").mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE), RED).save(sub / "pics" / "r.png")
+    (sub / "table.csv").write_text("path,caption\npics/r.png,red\n")
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "pics").mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE), BLUE).save(elsewhere / "pics" / "r.png")
+    monkeypatch.chdir(elsewhere)
+    red = torch.full((SIZE, SIZE), RED[0] / 127.5 - 1)
+    for source in (sub / "table.csv", tmp_path / "data"):
+        dataset = ImageTextDataset(dataset_name=str(source), image_column="path", caption_column="caption",
+                                   image_size=SIZE, cache_dir=str(tmp_path / "cache"))
+        assert torch.allclose(dataset[0]["pixel_values"][0], red, atol=0.02), source
+        assert dataset.skipped == 0
+
+
+def test_imagefolder_with_a_stray_data_file_is_still_an_imagefolder(tmp_path):
+    Image.new("RGB", (SIZE, SIZE), RED).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "red"}) + "\n")
+    (tmp_path / "a.json").write_text(json.dumps({"exif": "sidecar"}))
+    dataset = ImageTextDataset(dataset_name=str(tmp_path), image_size=SIZE, cache_dir=str(tmp_path / "cache"))
+    assert dataset[0]["caption"] == "red"
+
+
 def test_several_captions_per_image_are_reported(folders):
     """The jsonl folder gives a list of captions per image, the csv one a single caption."""
     assert make(folders).several_captions

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing.sharedctypes
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +40,19 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # Image processing (pure functions, shared with anything else that turns files into training tensors)
 
 
-def open_image(item: dict[str, Any], base_dir: Path | None = None) -> Image.Image:
+def open_image(item: dict[str, Any], base_dirs: Sequence[Path] = ()) -> Image.Image:
     """Decode one undecoded `datasets` image cell ``{"bytes": ..., "path": ...}``; raise on any problem.
 
-    A relative path that does not exist as given is looked up under `base_dir` (the folder of the data file that
-    listed it). EXIF orientation is applied, so phone photos come out upright.
+    A relative path is looked up under each of `base_dirs` in turn (the folders of the data files that may have
+    listed it, then the folder the data was given as) and only then as given, under the current directory.
+    EXIF orientation is applied, so phone photos come out upright.
     """
     if item.get("bytes"):
         image = Image.open(io.BytesIO(item["bytes"]))
     elif item.get("path"):
         path = Path(item["path"])
-        if not path.is_absolute() and not path.exists() and base_dir is not None:
-            path = base_dir / path
+        if not path.is_absolute():
+            path = next((base / path for base in base_dirs if (base / path).is_file()), path)
         image = Image.open(path)
     else:
         raise ValueError("image cell has neither bytes nor a path")
@@ -139,6 +142,8 @@ def _local_builder(path: Path) -> tuple[str, Any]:
         return builder, str(path)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return "save_to_disk", str(path)
+    if _has_metadata(path):  # an imagefolder, even beside stray data files (EXIF or editor sidecars)
+        return "imagefolder", str(path)
     files = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in BUILDERS and not p.name.startswith("metadata.")]
     builders = {BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
@@ -164,14 +169,15 @@ def _load_imagefolder(folder: Path, cache_dir: str | None) -> Any:
         rows = datasets.load_dataset(builder, data_files=str(metadata[0]), split="train", cache_dir=cache_dir)
         if "file_name" not in rows.column_names:
             raise ValueError(f"{metadata[0]} has no 'file_name' column") from error
-        paths = [str(folder / name) for name in rows["file_name"]]
+        paths = [str(folder.resolve() / name) for name in rows["file_name"]]
         return datasets.DatasetDict({"train": rows.remove_columns("file_name").add_column("image", paths)})
 
 
 def load_source(
     dataset_name: str | None, train_data_dir: str | None, cache_dir: str | None = None
-) -> tuple[Any, Path | None, Path | None]:
-    """Load a `datasets.DatasetDict`; return (dataset dict, base folder for relative paths, imagefolder root)."""
+) -> tuple[Any, tuple[Path, ...], Path | None]:
+    """Load a `datasets.DatasetDict`; return (dataset dict, folders to resolve relative image paths against, in
+    order, imagefolder root)."""
     import datasets
     from pyarrow import ArrowInvalid
 
@@ -182,24 +188,27 @@ def load_source(
             folder = Path(train_data_dir).expanduser()
             if not folder.is_dir():
                 raise FileNotFoundError(f"train_data_dir {str(folder)!r} is not a folder")
-            return _load_imagefolder(folder, cache_dir), folder, folder
+            return _load_imagefolder(folder, cache_dir), (folder,), folder
 
         path = Path(dataset_name).expanduser()
         if path.exists():
             builder, files = _local_builder(path)
-            base = path if path.is_dir() else path.parent
+            # relative image paths are relative to the data file that lists them: each data file's folder, then
+            # the folder given
+            listed = [Path(f).parent for f in ([files] if isinstance(files, str) else files) if Path(f).is_file()]
+            bases = tuple(dict.fromkeys([*listed, path if path.is_dir() else path.parent]))
             if builder == "imagefolder":
-                return _load_imagefolder(path, cache_dir), path, path
+                return _load_imagefolder(path, cache_dir), (path,), path
             if builder == "save_to_disk":
                 loaded = datasets.load_from_disk(files)
                 if isinstance(loaded, datasets.Dataset):
                     loaded = datasets.DatasetDict({"train": loaded})
-                return loaded, base, None
-            return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir), base, None
+                return loaded, bases, None
+            return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir), bases, None
         if dataset_name.startswith((".", "/", "~")) or path.suffix.lower() in BUILDERS:
             raise FileNotFoundError(f"dataset file {dataset_name!r} does not exist")
         try:
-            return datasets.load_dataset(dataset_name, cache_dir=cache_dir), None, None
+            return datasets.load_dataset(dataset_name, cache_dir=cache_dir), (), None
         except ConnectionError as error:
             if not datasets.config.HF_HUB_OFFLINE:
                 raise
@@ -225,8 +234,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
     mirrors half the images and swaps "left" <-> "right" in their captions (see `swap_left_right`). Call
     ``set_epoch(e)`` each epoch to draw fresh captions, crops and flips; without it they repeat every epoch.
 
-    ``skipped`` counts the distinct unreadable images met so far (per process: each DataLoader worker has its own
-    copy); ``log_summary()`` logs it in one line.
+    ``skipped`` counts the distinct unreadable images met so far by this process and its DataLoader workers (their
+    finds are flagged in shared memory); ``log_summary()`` logs it in one line.
     """
 
     def __init__(
@@ -247,7 +256,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        splits, self._base_dir, imagefolder = load_source(dataset_name, train_data_dir, cache_dir)
+        splits, self._base_dirs, imagefolder = load_source(dataset_name, train_data_dir, cache_dir)
         if split not in splits:
             raise ValueError(f"split {split!r} not found; splits: {list(splits)}")
         data = splits[split]
@@ -273,7 +282,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.image_column, self.caption_column = image_column, caption_column
         self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
         self.seed, self.epoch = seed, 0
-        self._bad: set[int] = set()
+        # One flag per item in shared memory, so DataLoader workers' finds reach the main process's `skipped`
+        self._bad = multiprocessing.sharedctypes.RawArray("b", len(data))
 
     def __len__(self) -> int:
         return len(self._data)
@@ -287,8 +297,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     @property
     def skipped(self) -> int:
-        """Distinct unreadable images met so far in this process."""
-        return len(self._bad)
+        """Distinct unreadable images met so far by this process and its DataLoader workers."""
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
     def set_epoch(self, epoch: int) -> None:
         """Make captions, crops and flips a function of (seed, index, epoch)."""
@@ -301,13 +311,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
         index %= n
         for step in range(n):
             i = (index + step) % n
-            if i in self._bad:
+            if self._bad[i]:
                 continue
             row = self._data[i]
             try:
-                image = to_rgb(open_image(row[self.image_column], self._base_dir))
+                image = to_rgb(open_image(row[self.image_column], self._base_dirs))
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
-                self._bad.add(i)
+                self._bad[i] = 1
                 cell = row[self.image_column]
                 where = cell.get("path") or f"item {i} (bytes)"
                 logger.warning("skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
@@ -339,5 +349,5 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def log_summary(self) -> None:
         """One log line: how many images were skipped as unreadable."""
-        level = logging.WARNING if self._bad else logging.INFO
+        level = logging.WARNING if self.skipped else logging.INFO
         logger.log(level, "image-text data: %d of %d images skipped as unreadable", self.skipped, len(self))
