@@ -16,6 +16,7 @@ embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -390,7 +391,7 @@ class TextToImagePipeline:
         encoded by `encode_prior_prompt`. Draws the start noise, then the sampler's noise, from `generators`."""
         prior = self.prior
         assert prior is not None
-        denoise = Denoiser(prior, NoiseSchedule(self.config.prior_schedule))
+        denoise = Denoiser(prior, NoiseSchedule(self.config.prior_schedule), dtype=self.dtype)
         clip = self.config.prior_clip_denoised
         states, pooled, mask = (torch.cat([u, c]) for u, c in zip(uncond, text))
 
@@ -404,10 +405,11 @@ class TextToImagePipeline:
         guided = clamped(single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale), clip)
 
         sigmas = self._sigmas(self.config.prior_schedule, self.config.prior_sampling, sampler, steps)
-        x = _randn((len(generators), prior.config.embed_dim), generators, self.device, self.dtype)
+        # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
+        x = _randn((len(generators), prior.config.embed_dim), generators, self.device, torch.float32)
         x = x * initial_noise_scale(sigmas[0])
         x = get_sampler(sampler)(guided, x, sigmas, generator=generators, disable_progress=not progress)
-        return prior.denormalize(x)
+        return prior.denormalize(_vp_sample(x, sigmas)).to(self.dtype)
 
     @torch.no_grad()
     def sample_latents(self, text: Encoded, uncond: Encoded, image_embeds: torch.Tensor | None,
@@ -423,7 +425,7 @@ class TextToImagePipeline:
         embedding separately from the text (`batched_dual_cfg`: three decoder rows per image; 0 conditions on the
         text alone). `start` skips the first sampling steps (img2img): then `latents` are clean latents noised to
         that step here."""
-        denoise = Denoiser(self.decoder, NoiseSchedule(self.config.decoder_schedule))
+        denoise = Denoiser(self.decoder, NoiseSchedule(self.config.decoder_schedule), dtype=self.dtype)
         clip = self.config.decoder_clip_denoised
         B = len(generators)
         img_c = None if image_embeds is None else self.augment_image_embeds(image_embeds, generators, noise_level)
@@ -458,20 +460,22 @@ class TextToImagePipeline:
 
         sigmas = self._sigmas(self.config.decoder_schedule, self.config.decoder_sampling, sampler, steps)[start:]
         C = self.decoder.config.in_channels
-        noise = _randn((B, C, *shape), generators, self.device, self.dtype)
+        # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
+        noise = _randn((B, C, *shape), generators, self.device, torch.float32)
         if latents is None:
             x = noise * initial_noise_scale(sigmas[0])
         elif start > 0:
-            x = latents.to(self.device, self.dtype) + sigmas[0] * noise  # VE: x = x0 + σ ε
+            x = latents.to(self.device, torch.float32) + sigmas[0] * noise  # VE: x = x0 + σ ε
         else:
-            x = latents.to(self.device, self.dtype) * initial_noise_scale(sigmas[0])
-        return get_sampler(sampler)(guided, x, sigmas, generator=generators, callback=callback,
-                                    disable_progress=not progress)
+            x = latents.to(self.device, torch.float32) * initial_noise_scale(sigmas[0])
+        x = get_sampler(sampler)(guided, x, sigmas, generator=generators, callback=callback,
+                                 disable_progress=not progress)
+        return _vp_sample(x, sigmas)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: OutputType = "pil") -> Any:
         """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type`."""
-        images = self.vae.decode(self.vae.from_latents(latents)).float()
+        images = self.vae.decode(self.vae.from_latents(latents.to(self.dtype))).float()
         images = ((images + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
         if output_type == "pt":
             return images.cpu()
@@ -665,7 +669,8 @@ class TextToImagePipeline:
                 (self.encode_prior_prompt(prompts), self.encode_prior_prompt([""] * len(prompts)))
             embeds = self.sample_prior(prior_text, prior_uncond, gens, num_inference_steps, prior_guidance_scale,
                                        prior_sampler)
-        start = num_inference_steps - int(round(num_inference_steps * strength))
+        # floor, as SDEdit's implementations do: any strength below 1 keeps something of the image
+        start = num_inference_steps - int(num_inference_steps * strength)
         if start >= num_inference_steps:
             return PipelineOutput(self.decode_latents(latents, output_type), embeds)
         # strength 1 starts from pure noise: the image is ignored.
@@ -682,6 +687,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     so = torch.sin(omega)
     direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so
     return direction * ((1 - t) * na + t * nb)
+
+
+def _vp_sample(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The sampler's last VE state x = x0 + σ ε as the VP sample x / sqrt(1 + σ²) that diffusers' schedulers
+    return: x itself when the walk ends at σ = 0, scaled by sqrt(ᾱ_0) with `final_sigma="min"`."""
+    last = float(sigmas[-1])
+    return x if last == 0.0 else x / math.sqrt(1.0 + last**2)
 
 
 def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device,

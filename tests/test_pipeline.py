@@ -213,6 +213,61 @@ def test_img2img_full_strength_ignores_the_image(tiny_pipeline):
                                tiny_pipeline.img2img(b, "a red circle", **kw).images)
 
 
+def test_img2img_strength_below_one_keeps_the_image(tiny_pipeline):
+    """SDEdit's step count is floor(n · strength): at 0.99 of 25 steps the image still matters (24 steps)."""
+    rng = np.random.default_rng(1)
+    a, b = (Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(2))
+    kw = dict(strength=0.99, num_inference_steps=25, seed=0, output_type="pt", progress=False)
+    out_a, out_b = (tiny_pipeline.img2img(image, "a red circle", **kw).images for image in (a, b))
+    assert (out_a - out_b).abs().max() > 1e-3
+
+
+def test_half_precision_models_sample_in_float32(tiny_pipeline):
+    """The sampler's state x0 + σ ε (σ_max ≈ 2·10⁴ for the prior's cosine schedule) stays float32 when the models
+    run in float16 or bfloat16: no row overflows, and the embeddings stay close to the float32 ones."""
+    prompts = ["a red circle on the left"] * 128
+    kw = dict(steps=10, guidance_scale=4.0, sampler="ddim")
+    ref = tiny_pipeline.sample_prior(*(tiny_pipeline.encode_prior_prompt(p) for p in (prompts, [""] * 128)),
+                                     [torch.Generator().manual_seed(i) for i in range(128)], **kw)
+    for dtype in (torch.float16, torch.bfloat16):
+        tiny_pipeline.to(dtype=dtype)
+        text, uncond = (tiny_pipeline.encode_prior_prompt(p) for p in (prompts, [""] * 128))
+        embeds = tiny_pipeline.sample_prior(text, uncond, [torch.Generator().manual_seed(i) for i in range(128)],
+                                            **kw)
+        assert embeds.dtype == dtype and torch.isfinite(embeds).all(), dtype
+        assert (embeds.float() - ref).abs().max() < 0.1 * ref.abs().max(), dtype
+        images = tiny_pipeline("a red circle", seed=0, output_type="pt", **FAST).images
+        assert torch.isfinite(images).all(), dtype
+    tiny_pipeline.to(dtype=torch.float32)
+
+
+def test_final_sigma_min_returns_the_vp_sample(tiny_pipeline):
+    """With `final_sigma="min"` (diffusers' DDIM, set_alpha_to_one=False) the walk ends at σ_min > 0; the latents
+    returned are the VP sample x / sqrt(1 + σ_min²), as diffusers' scheduler returns, not the VE state."""
+    from dataclasses import replace
+
+    from latent_diffusion.diffusion import NoiseSchedule
+    from latent_diffusion.pipeline import SamplingConfig
+
+    pipe = tiny_pipeline
+    text, uncond = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt([""])
+    embeds = torch.randn(1, pipe.decoder.config.image_embed_dim, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def run(final_sigma: str) -> torch.Tensor:
+        pipe.config = replace(pipe.config, decoder_sampling=SamplingConfig("ddim", "leading", 1, final_sigma))
+        return pipe.sample_latents(text, uncond, embeds, [torch.Generator().manual_seed(0)], (8, 8), 10, 1.0, "ddim",
+                                   callback=lambda d: calls.append(d["x"]))
+
+    latents = run("min")
+    sigma_min = NoiseSchedule(pipe.config.decoder_schedule).sigma_min
+    assert sigma_min > 0
+    torch.testing.assert_close(latents, calls[-1] / (1 + sigma_min**2) ** 0.5)
+    calls.clear()
+    zero = run("zero")
+    torch.testing.assert_close(zero, calls[-1])  # σ = 0 at the end: the VE state is the sample
+
+
 def test_decoder_token_embeddings_reach_the_decoder_only(tiny_pipeline, tmp_path):
     """`decoder_token_embeddings`: the decoder sees 2L context tokens (output states, then the layer-normalised
     input embeddings), the prior still its L states; the switch changes the images and survives save/load."""

@@ -36,17 +36,22 @@ class Denoiser:
     with VP noise level sigma_VP = sigma alpha, and the network sees t = schedule.sigma_to_t(sigma)
     (continuous; rounded when `quantize`, as diffusers does for Karras sigmas). `clip_denoised` clamps
     x0 to ±value (the `clip_sample` of diffusers).
+
+    `dtype` is the network's input dtype (None: x's). A half-precision model should still be sampled with a
+    float32 x: the VE sample is x0 + σ ε with σ up to ~2·10⁴ (cosine schedule), which overflows float16 and
+    leaves bfloat16 no digits for x0; only the network's input x_in (std ≈ 1) and output are half precision.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: NoiseSchedule,
                  prediction_type: PredictionType | None = None, clip_denoised: float | None = None,
-                 quantize: bool = False):
+                 quantize: bool = False, dtype: torch.dtype | None = None):
         self.model = model
         self.schedule = schedule
         self.prediction_type = prediction_type or schedule.config.prediction_type
         _check_prediction_type(self.prediction_type)
         self.clip_denoised = clip_denoised
         self.quantize = quantize
+        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """x: (B, ...) VE sample; sigma: (B,). Returns x0: (B, ...) in x's dtype."""
@@ -55,7 +60,7 @@ class Denoiser:
         t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(x.device, torch.float32)  # (B,)
         c_in = (1 + sigma**2).rsqrt().to(x.device)
         x_in = x * _append_dims(c_in, x).to(x.dtype)
-        pred = self.model(x_in, t, **kwargs)
+        pred = self.model(x_in.to(self.dtype or x.dtype), t, **kwargs).to(x.dtype)
         x0 = prediction_to_x0(pred, x_in, c_in, sigma.to(x.device) * c_in, self.prediction_type)
         if self.clip_denoised is not None:
             x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
