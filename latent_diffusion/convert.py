@@ -26,6 +26,7 @@ the same order of quality, with a warning that names the replacement.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,13 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
         sampler = "euler_ancestral"
     else:
         sampler = "dpmpp_2m"
+        # DPM-Solver++(2M) with the midpoint update on the scheduler's own sigmas is what `dpmpp_2m` computes
         exact = name == "DPMSolverMultistepScheduler" and raw.get("algorithm_type", "dpmsolver++") == "dpmsolver++" \
-            and raw.get("solver_order", 2) == 2 and not raw.get("use_karras_sigmas", False) \
-            and raw.get("final_sigmas_type", "zero") == "zero"
+            and raw.get("solver_order", 2) == 2 and raw.get("solver_type", "midpoint") == "midpoint" \
+            and raw.get("final_sigmas_type", "zero") == "zero" and raw.get("variance_type") is None \
+            and raw.get("lambda_min_clipped", -math.inf) == -math.inf and not raw.get("euler_at_final", False) \
+            and not any(raw.get(f"use_{kind}", False) for kind in ("karras_sigmas", "lu_lambdas", "exponential_sigmas",
+                                                                    "beta_sigmas", "flow_sigmas"))
         if not exact:
             warnings.warn(f"{source}: {name} with this config is not implemented; it is replaced by our 'dpmpp_2m' "
                           "(DPM-Solver++(2M), deterministic, multistep); samples differ from diffusers'",
@@ -137,6 +142,8 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
         else "leading"
     spacing = raw.get("timestep_spacing", default_spacing)
     spacing = _LINSPACE[sampler] if spacing == "linspace" else spacing
+    if spacing == "leading" and name == "DPMSolverMultistepScheduler":  # its own "leading" rule
+        spacing = "leading_dpm"
     final = "min" if sampler == "ddim" and not raw.get("set_alpha_to_one", True) else "zero"
     return SamplingConfig(sampler, spacing, offset, final), clip
 

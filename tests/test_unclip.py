@@ -3,12 +3,14 @@ pipeline reproduces diffusers' prior embeddings and images for the same generato
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from latent_diffusion.diffusion import NoiseSchedule
 from latent_diffusion.models import DiffusionPrior
 from latent_diffusion.pipeline import TextToImagePipeline
 
@@ -220,6 +222,20 @@ def test_scheduler_mapping():
         sampling, clip = sampling_from_diffusers(pndm, "pndm")
     assert (sampling.sampler, sampling.timestep_spacing, sampling.steps_offset, clip) == ("dpmpp_2m", "leading", 1,
                                                                                           None)
+    # DPM-Solver's "leading" is its own rule (T // (n+1) apart), common in configs derived from a DDIM one
+    dpm = raw(diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", timestep_spacing="leading",
+                                                    steps_offset=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact conversion says nothing
+        sampling, _ = sampling_from_diffusers(dpm, "dpm")
+    reference = diffusers.DPMSolverMultistepScheduler.from_config(dpm)
+    reference.set_timesteps(10)
+    ours = NoiseSchedule(schedule_from_diffusers(dpm, "dpm")).timesteps(10, sampling.timestep_spacing,
+                                                                         sampling.steps_offset)
+    assert ours.tolist() == reference.timesteps.tolist()
+    for option in ({"solver_type": "heun"}, {"use_lu_lambdas": True}, {"use_exponential_sigmas": True}):
+        with pytest.warns(UserWarning, match="replaced by our 'dpmpp_2m'"):
+            sampling_from_diffusers({**dpm, **option}, "dpm")
     karlo = raw(diffusers.UnCLIPScheduler(clip_sample_range=5.0, prediction_type="sample"))
     sampling, clip = sampling_from_diffusers(karlo, "karlo")
     assert (sampling.sampler, sampling.timestep_spacing, clip) == ("ddpm", "linspace", 5.0)

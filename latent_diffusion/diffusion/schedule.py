@@ -16,18 +16,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
-Spacing = Literal["leading", "trailing", "linspace", "linspace_float", "linspace_dpm"]
+Spacing = Literal["leading", "trailing", "linspace", "linspace_float", "linspace_dpm", "leading_dpm"]
 
-BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
-SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "linspace_float", "linspace_dpm")
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 FINAL_SIGMAS: tuple[str, ...] = ("zero", "min")
 
 # ᾱ_T after the zero-terminal-SNR rescale is exactly 0 (sigma = inf); like diffusers' Euler schedulers we
@@ -131,6 +131,7 @@ class NoiseSchedule:
         linspace: round(linspace(0, T-1, n))[::-1]                 (DDPM / DDIM "linspace")
         linspace_float: linspace(0, T-1, n)[::-1], not rounded     (Euler-family default)
         linspace_dpm: round(linspace(0, T-1, n+1))[::-1][:-1]      (DPM-Solver default: drops t = 0)
+        leading_dpm: (arange(n+1) · (T // (n+1)))[::-1][:-1] + steps_offset   (DPM-Solver's "leading")
         """
         T = self.num_train_timesteps
         if not 1 <= n <= T:
@@ -148,6 +149,8 @@ class NoiseSchedule:
             ts = np.linspace(0, T - 1, n)[::-1]
         elif spacing == "linspace_dpm":
             ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        elif spacing == "leading_dpm":
+            ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
         return torch.from_numpy(ts.astype(np.float64))
