@@ -13,16 +13,20 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 C = TypeVar("C")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# a diffusers model folder's weights (this project's own name is accepted there too)
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", WEIGHTS_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -117,19 +121,32 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a crash never leaves half a
+    file. The file gets the permissions a plain `open` would give (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `_atomic_write`)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
@@ -138,17 +155,17 @@ def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically save tensors (made contiguous, shared storage broken) as safetensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp))
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` with an error that names the file (an empty or truncated file otherwise
+    reports only "Error while deserializing header")."""
     try:
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return load_file(str(path), device=device)
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {path}: {error} (an incomplete or damaged file? save or copy it again)") \
+            from error
 
 
 def find_weights(folder: str | os.PathLike, names: tuple[str, ...] = (WEIGHTS_NAME,)) -> Path:
@@ -199,7 +216,7 @@ def load_model(cls: type, folder: str | os.PathLike, device: str | torch.device 
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
     with torch.device("meta"):
         model = cls(config)
-    state = load_file(str(find_weights(folder)), device="cpu")
+    state = load_safetensors(find_weights(folder))
     target = dtype or torch.float32
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     load_state_dict_checked(model, state, source=str(folder), assign=True)

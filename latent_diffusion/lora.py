@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latent_diffusion.io import read_json, save_json, save_safetensors
+from latent_diffusion.io import load_safetensors, read_json, save_json, save_safetensors
 
 LORA_INDEX = "lora_index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,6 +78,15 @@ def _exact(config: Any, layers: Iterable[str]) -> Any:
     return exact
 
 
+def _refuse_fused(module: nn.Module, what: str) -> None:
+    """LoRA adapts the separate q/k/v projections, which `speed.fuse_qkv` replaces by one `to_qkv` / `to_kv`."""
+    from latent_diffusion.speed import is_fused
+
+    if is_fused(module):
+        raise ValueError(f"{what} has fused q/k/v projections (speed.fuse_qkv / apply_speed(fuse=True)); add or "
+                         "load the LoRA before fusing, or speed.unfuse_qkv it first")
+
+
 def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
              feed_forward: bool = False) -> list[str]:
     """Add a fresh, trainable LoRA (A random, B zero: the output is unchanged until it trains) to `module` in place.
@@ -88,6 +97,7 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, dropo
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if lora_layers(module):
         raise ValueError(f"{type(module).__name__} already has a LoRA; unload it first")
+    _refuse_fused(module, type(module).__name__)
     layers = lora_target_modules(module, feed_forward)
     if not layers:
         raise ValueError(f"{type(module).__name__} has no attention layers to adapt")
@@ -230,8 +240,6 @@ def load_lora_into(module: nn.Module, folder: str | Path, component: str = "mode
     in place, frozen. `entry` is the component's record in `lora_index.json` (for clearer errors). Returns the
     number of adapted layers."""
     peft = _peft()
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
@@ -241,7 +249,8 @@ def load_lora_into(module: nn.Module, folder: str | Path, component: str = "mode
         raise ValueError(f"{folder / ADAPTER_CONFIG} describes a {raw['peft_type']} adapter; only LORA loads")
     if lora_layers(module):
         raise ValueError(f"the {component} already has a LoRA; unload it first")
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    _refuse_fused(module, f"the {component}")
+    state = load_safetensors(folder / ADAPTER_WEIGHTS)
     layers = _check_fits(module, state, str(folder), component, entry or {})
     config = peft.LoraConfig.from_pretrained(str(folder))
     peft.inject_adapter_in_model(_exact(config, layers), module, adapter_name=ADAPTER)

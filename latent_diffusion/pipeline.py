@@ -721,11 +721,9 @@ def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.T
 
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import load_file
+    from latent_diffusion.io import load_safetensors, save_safetensors
 
-    from latent_diffusion.io import save_safetensors
-
-    state = load_file(str(path))
+    state = load_safetensors(path)
     save_safetensors(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
 
 

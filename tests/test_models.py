@@ -298,6 +298,25 @@ def test_save_load_roundtrip_all_models(tmp_path):
         AutoencoderKL.from_pretrained(tmp_path / "vae")
 
 
+def test_saved_files_get_the_umask_permissions_and_damaged_weights_are_named(tmp_path):
+    """Atomic writes go through mkstemp (owner-only files): the result must be readable as a plain open() would
+    make it. A truncated weight file is refused with its path."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        UNet(UNET_PRESETS["tiny"]).save_pretrained(tmp_path / "unet")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "unet" / name).stat().st_mode) == 0o644, name
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read {weights}"):
+        UNet.from_pretrained(tmp_path / "unet")
+
+
 def test_prior_text_padding_is_masked_and_causal():
     torch.manual_seed(0)
     prior = DiffusionPrior(PRIOR_PRESETS["tiny"]).eval()

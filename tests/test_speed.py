@@ -80,6 +80,21 @@ def test_fuse_qkv_refuses_lora_adapters(unet):
         assert torch.equal(unet(*unet_inputs()), before)
 
 
+def test_lora_on_fused_projections_is_refused_with_the_order_to_use(unet, tmp_path):
+    """The other order: adding or loading a LoRA into a fused model names the fusion, not a missing layer."""
+    pytest.importorskip("peft")
+    from latent_diffusion.lora import add_lora, load_lora_into, save_lora
+
+    trained = copy.deepcopy(unet)
+    add_lora(trained, rank=2)
+    save_lora(tmp_path / "lora", {"decoder": trained})
+    speed.fuse_qkv(unet)
+    with pytest.raises(ValueError, match="fused q/k/v projections.*before fusing"):
+        add_lora(unet, rank=2)
+    with pytest.raises(ValueError, match="the decoder has fused q/k/v projections"):
+        load_lora_into(unet, tmp_path / "lora" / "decoder", component="decoder")
+
+
 def test_fused_state_dict_round_trips(unet, tmp_path):
     fused = speed.fuse_qkv(copy.deepcopy(unet))
     state, state_ref = fused.state_dict(), unet.state_dict()

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
-from latent_diffusion.io import save_safetensors
+from latent_diffusion.io import load_safetensors, save_safetensors
 from training import sharding
 
 if TYPE_CHECKING:
@@ -90,9 +89,9 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
                          f"optimizer state has another layout: resume {written} --fsdp")
     # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
     has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
-    ema_state = load_file(str(checkpoint / "ema.safetensors")) if ema is not None and has_ema else None
+    ema_state = load_safetensors(checkpoint / "ema.safetensors") if ema is not None and has_ema else None
     if stage.fsdp:
-        model.load_state_dict(sharding.shard_like(load_file(str(checkpoint / "model.safetensors")),
+        model.load_state_dict(sharding.shard_like(load_safetensors(checkpoint / "model.safetensors"),
                                                   model.state_dict()))
         optim_state = torch.load(checkpoint / "optimizer.bin", weights_only=True) if acc.is_main_process else {}
         sharding.load_optimizer_state(model, optimizer, optim_state)

@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from latent_diffusion import speed
 from latent_diffusion.diffusion import NoiseSchedule
-from latent_diffusion.io import config_to_dict, save_safetensors
+from latent_diffusion.io import config_to_dict, load_safetensors, save_safetensors
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
 from training.common import TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         path = stage.work_dir / f"features-{features_key(cfg, out)}.safetensors"
         if path.is_file():
             stage.print(f"decoder: cached latents and CLIP features from {path}")
-            dataset = CachedFeatures(load_file(str(path)))
+            dataset = CachedFeatures(load_safetensors(path))
         else:
             stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
             loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)

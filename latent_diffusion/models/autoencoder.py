@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from latent_diffusion.io import (
+    DIFFUSERS_WEIGHTS,
     config_from_dict,
     find_weights,
     load_model,
+    load_safetensors,
     load_state_dict_checked,
     read_json,
     save_model,
@@ -264,7 +265,7 @@ class AutoencoderKL(nn.Module):
             "scaling_factor": raw.get("scaling_factor", 0.18215),
             "shift_factor": raw.get("shift_factor"),
         }, source=str(folder / "config.json"))
-        state = load_file(str(find_weights(folder, ("diffusion_pytorch_model.safetensors", "model.safetensors"))))
+        state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         state = rename_keys(state, DIFFUSERS_VAE_RULES)
         # Old-format checkpoints store the mid attention projections as 1×1 convolutions.
         state = {k: v[:, :, 0, 0] if ".attn.attn." in k and v.ndim == 4 else v for k, v in state.items()}

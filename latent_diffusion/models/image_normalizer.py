@@ -16,11 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from latent_diffusion.diffusion import NoiseSchedule
-from latent_diffusion.io import find_weights, load_model, load_state_dict_checked, read_json, save_model
+from latent_diffusion.io import (
+    DIFFUSERS_WEIGHTS,
+    find_weights,
+    load_model,
+    load_safetensors,
+    load_state_dict_checked,
+    read_json,
+    save_model,
+)
 from latent_diffusion.layers import timestep_embedding
 
 
@@ -63,7 +70,7 @@ class ImageNormalizer(nn.Module):
         raw = read_json(folder / "config.json")
         if raw.get("_class_name", "StableUnCLIPImageNormalizer") != "StableUnCLIPImageNormalizer":
             raise ValueError(f"{folder} holds a {raw['_class_name']}, not a StableUnCLIPImageNormalizer")
-        state = load_file(str(find_weights(folder, ("diffusion_pytorch_model.safetensors", "model.safetensors"))))
+        state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         model = cls(ImageNormalizerConfig(embed_dim=raw.get("embedding_dim", 768)))
         load_state_dict_checked(model, {k: v.float().reshape(-1) for k, v in state.items()}, source=str(folder))
         return model.eval()

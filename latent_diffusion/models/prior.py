@@ -15,10 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from latent_diffusion.io import find_weights, load_model, load_state_dict_checked, read_json, save_model
+from latent_diffusion.io import (
+    DIFFUSERS_WEIGHTS,
+    find_weights,
+    load_model,
+    load_safetensors,
+    load_state_dict_checked,
+    read_json,
+    save_model,
+)
 from latent_diffusion.layers import Attention, FeedForward, TimestepMLP, rename_keys, timestep_embedding
 
 MASK_VALUE = -10000.0  # additive mask; finite so a fully masked row cannot produce NaNs
@@ -151,7 +158,7 @@ class DiffusionPrior(nn.Module):
         refused by name. The prior's text must then be exactly `num_embeddings` tokens long, as in diffusers."""
         folder = Path(folder)
         config = prior_config_from_diffusers(read_json(folder / "config.json"), source=str(folder / "config.json"))
-        state = load_file(str(find_weights(folder, ("diffusion_pytorch_model.safetensors", "model.safetensors"))))
+        state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         state = rename_keys(state, DIFFUSERS_PRIOR_RULES)
         for key in ("clip_mean", "clip_std"):  # diffusers: (1, D) parameters; ours: (D,) buffers
             if key in state:

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.io import (
+    DIFFUSERS_WEIGHTS,
     find_weights,
     load_model,
+    load_safetensors,
     load_state_dict_checked,
     read_json,
     save_model,
@@ -375,7 +376,7 @@ class UNet(nn.Module):
         loaded as `image_time_proj`). Anything else is refused by name."""
         folder = Path(folder)
         config = unet_config_from_diffusers(read_json(folder / "config.json"), source=str(folder / "config.json"))
-        state = load_file(str(find_weights(folder, ("diffusion_pytorch_model.safetensors", "model.safetensors"))))
+        state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         state = rename_keys(state, DIFFUSERS_UNET_RULES)
         model = cls(config)
         load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=str(folder))
