@@ -94,6 +94,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     Tr((Σ_a Σ_b)^½) is computed as the sum of square roots of the eigenvalues of Σ_a^½ Σ_b Σ_a^½ (symmetric PSD),
     in float64."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"the Fréchet distance needs two (N, D) sets of at least 2 rows each with the same D, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from latent_diffusion.cli import main
@@ -33,6 +34,13 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
     # ‖μ‖² = 4, Tr(I + 4I − 2·2I) = 4: total 8.
     assert abs(frechet_distance(a, b) - 8.0) < 0.25
     assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_frechet_distance_needs_two_rows_per_set():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        frechet_distance(torch.randn(1, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"same D"):
+        frechet_distance(torch.randn(5, 4), torch.randn(5, 3))
 
 
 def test_scoring_real_renders_passes_and_wrong_images_fail():

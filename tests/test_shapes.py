@@ -71,6 +71,14 @@ def test_deterministic_per_seed_and_index():
     assert len({a[i]["caption"] for i in range(6)}) > 1
 
 
+def test_bad_dataset_arguments_are_refused_at_construction():
+    for kwargs, message in (({"seed": -1}, "seed"), ({"seed": True}, "seed"), ({"image_size": 0}, "image_size")):
+        with pytest.raises(ValueError, match=message):
+            ShapesDataset(4, **kwargs)
+    with pytest.raises(ValueError, match="cell"):
+        ShapeObject("red", "circle", "small", True)
+
+
 def test_exclusion_honoured_and_names_validated():
     held_out = parse_pairs("red circle, Blue star,  green square")
     assert held_out == {("red", "circle"), ("blue", "star"), ("green", "square")}

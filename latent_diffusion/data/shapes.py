@@ -77,7 +77,7 @@ class ShapeObject:
             object.__setattr__(self, "rgb", _check_rgb(self.color, self.rgb))
         _check_name("shape", self.shape, SHAPES + NEW_SHAPES)
         _check_name("size", self.size, SIZES)
-        if not (isinstance(self.cell, int) and 0 <= self.cell < 9):
+        if not (isinstance(self.cell, int) and not isinstance(self.cell, bool) and 0 <= self.cell < 9):
             raise ValueError(f"cell must be an int in 0..8 (row-major 3×3 grid), got {self.cell!r}")
 
 
@@ -463,6 +463,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     ) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
         self.num_samples, self.seed, self.image_size = num_samples, seed, image_size
         self.exclude = set(_validate_pairs(exclude))
 
