@@ -409,3 +409,10 @@ def test_gradient_checkpointing_without_the_decoder_is_refused(tiny_pipeline_dir
         run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
                        "prior", "--max-steps", "1", "--optim.gradient_checkpointing", "true", "--output-dir",
                        str(tmp_path), *FAST)
+
+
+def test_fp16_on_a_cpu_is_refused_before_any_model_loads(tiny_pipeline_dir, imagefolder, tmp_path):
+    """Accelerate has no CPU fp16 autocast: the fp16 frozen weights met fp32 activations in the first validation."""
+    with pytest.raises(ValueError, match="fp16 needs a GPU; on a CPU use bf16"):
+        run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1",
+                       "--mixed-precision", "fp16", "--output-dir", str(tmp_path), *FAST)

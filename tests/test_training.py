@@ -370,6 +370,24 @@ def test_tensorboard_logs_when_installed(tmp_path):
     assert list((tmp_path / "_work" / "vae" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys):
+    """`--max-steps N` sets the stage's optim.max_steps: the config record says N, so rerunning from it reproduces
+    the run; N < 1 is refused by argparse before anything starts."""
+    import yaml
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "3"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["vae"]["optim"]["max_steps"] == 3
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path / "bad"), "--max-steps", bad])
+        assert "--max-steps: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_patchgan_gives_each_network_only_its_own_gradient():
     """One backward of L_rec + w·L_G + L_D: the discriminator gets ∇L_D only, the autoencoder ∇(L_rec + w·L_G)."""
     from latent_diffusion.models import (

@@ -306,6 +306,14 @@ def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> 
     atomic_write_bytes(path, config_to_yaml(config).encode())
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
     """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides.
     `doc`: the stage module's docstring (its first paragraph becomes the description); `module`: its name
@@ -316,7 +324,8 @@ def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML experiment config (default: built-in defaults)")
     parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="the stage's optimiser steps: sets <stage>.optim.max_steps (the LR schedule spans them)")
     parser.add_argument("--fsdp", action="store_true",
                         help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
                              "gradients and optimizer state split across processes; in fp32 the same weights as "

@@ -47,7 +47,7 @@ from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
 from training.common import build_dataset, dataset_captions, decoder_loss
-from training.config import FinetuneConfig, apply_overrides
+from training.config import FinetuneConfig, apply_overrides, positive_int
 from training.loop import StepRandom, fit, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-prompt", action="append", default=None,
                         help="repeat for several (default: the first 4 distinct training captions)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: 1000)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="optimiser steps (default: 1000)")
     parser.add_argument("--output-dir", required=True, help="where the LoRA folder or the new pipeline goes")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     return parser
@@ -194,8 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = resolve_config(args, overrides)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
+        # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
+        raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
-        stage.print(f"finetune: finished output exists in {out}; skipping (pass --resume latest to continue)")
+        stage.print(f"finetune: finished output exists in {out}; skipping (to train it for longer pass --resume "
+                    "latest and a larger --max-steps; for other settings use a new --output-dir)")
         return
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)

@@ -10,6 +10,7 @@ the same global batch, and a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -110,6 +111,8 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     and create the folders (main process only). The config is recorded once the stage trains (`fit`,
     `Stage.record_config`)."""
     config = load_config(args.config, overrides) if config is None else config
+    if args.max_steps is not None:  # the stage's optim.max_steps, recorded with the config
+        config = _replace_node(config, optim(config), dataclasses.replace(optim(config), max_steps=args.max_steps))
     oc = optim(config)
     fsdp = bool(getattr(args, "fsdp", False))
     if fsdp and not shardable:
@@ -135,8 +138,20 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     if accelerator.is_main_process:
         source = "the config" if oc.mixed_precision is not None else "the launcher"
         print(f"{name}: mixed precision {accelerator.mixed_precision} (from {source})", flush=True)
-    max_steps = args.max_steps if args.max_steps is not None else oc.max_steps
-    return Stage(name, config, accelerator, output_dir, work_dir, max_steps, args.resume, fsdp)
+    return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
+
+
+def _replace_node(config: Any, old: Any, new: Any) -> Any:
+    """`config` (nested frozen dataclasses) with the node `old` (found by identity) replaced by `new`."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is old:
+            return dataclasses.replace(config, **{f.name: new})
+        if dataclasses.is_dataclass(value):
+            replaced = _replace_node(value, old, new)
+            if replaced is not value:
+                return dataclasses.replace(config, **{f.name: replaced})
+    return config
 
 
 # --- data and randomness indexed by step -------------------------------------------------------------------

@@ -3,7 +3,8 @@
     accelerate launch -m training.train_all --config configs/shapes/tiny.yaml --output-dir runs/tiny
     python -m training.train_all --config configs/shapes/tiny.yaml --output-dir runs/tiny   # one process
 
-`--resume latest` resumes the unfinished stage from its newest checkpoint. `--max-steps N` caps every stage.
+`--resume latest` resumes the unfinished stage from its newest checkpoint. `--max-steps N` sets every stage's
+optim.max_steps.
 `--fsdp` shards the VAE, prior and decoder across the processes (CLIP, small, stays data-parallel).
 Afterwards `TextToImagePipeline.from_pretrained(OUTPUT_DIR)` loads the result.
 """
