@@ -388,6 +388,37 @@ def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys)
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
+    """Preemption (SIGTERM) or Ctrl-C (SIGINT) mid-run: the stage writes a checkpoint at the next step boundary and
+    exits with 128 + the signal's number; `--resume latest` continues from that step."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train_vae", "--config", MICRO, "--output-dir", str(out), "--max-steps",
+           "100000", "--vae.optim.log_every", "1", "--vae.optim.checkpoint_every", "0"]  # no periodic checkpoints
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "_work" / "vae" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count('"step"') >= 3) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    process.send_signal(getattr(signal, sig))
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + getattr(signal, sig), output[-3000:]
+    assert f"interrupted ({sig})" in output
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "_work" / "vae").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoints[0] >= 3, checkpoints
+    assert not (out / "_work" / "vae" / "DONE").exists() and not (out / "vae").exists()
+    step = checkpoints[0]
+    resume = [*cmd[:5], "--output-dir", str(out), "--max-steps", str(step + 1), "--resume", "latest"]
+    resumed = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stdout + resumed.stderr
+    assert (out / "vae" / "model.safetensors").is_file()
+
+
 def test_patchgan_gives_each_network_only_its_own_gradient():
     """One backward of L_rec + w·L_G + L_D: the discriminator gets ∇L_D only, the autoencoder ∇(L_rec + w·L_G)."""
     from latent_diffusion.models import (

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import math
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -370,65 +372,76 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     bad_step = torch.full((), -1, device=acc.device)
     deadline = t0 + 60 * oc.max_minutes if oc.max_minutes else None
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
-    for step in range(start, stage.max_steps):
-        logs: dict[str, float] = {}
-        total = torch.zeros((), device=acc.device)
-        for micro in range(oc.grad_accum):
-            batch = next(batches)
-            rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
-            last = micro == oc.grad_accum - 1
-            if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
-                wrapped.set_requires_gradient_sync(last)
-            sync = acc.no_sync(wrapped) if not last and not stage.fsdp else nullcontext()
-            with sync, acc.autocast():
-                loss, extra = loss_fn(wrapped, batch, rnd, step)
-            acc.backward(loss / oc.grad_accum)
-            total += loss.detach() / oc.grad_accum
-            for k, v in extra.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / oc.grad_accum
-        total = acc.reduce(total, reduction="mean")
-        # The first step with a non-finite loss, kept on the device: reading it every step would make the host
-        # wait for the device each step (no overlap of data loading and kernel launches with compute).
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
-        grad_norm = None
-        if oc.max_grad_norm and stage.fsdp:
-            grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
-        elif oc.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
-        # fp16: a step the gradient scaler skipped (inf/nan gradients) moves neither the schedule nor the EMA
-        if not optimizer_step(optimizer, getattr(acc, "scaler", None)):
-            scheduler.step()
-            if ema is not None:
-                ema.update(acc.unwrap_model(wrapped))
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        if deadline is not None and done < stage.max_steps and out_of_time(acc, deadline, done):
-            end = done
-        saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
-        if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
-            _stop_if_not_finite(stage, bad_step, last_good, bar)
-        if acc.is_main_process and (done % oc.log_every == 0 or done == end):
-            record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
-                      / (time.perf_counter() - t0), **logs}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if board is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        board.add_scalar(f"{stage.name}/{key}", value, done)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if done == end < stage.max_steps:
-            stage.print(f"{stage.name}: stopping at step {done} of {stage.max_steps}: the time limit of "
-                        f"{oc.max_minutes} min (optim.max_minutes) is reached")
-            break
-        if saving:
-            last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
-        if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
-            _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
+    with Interrupt(stage.name) as interrupt:  # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
+        for step in range(start, stage.max_steps):
+            logs: dict[str, float] = {}
+            total = torch.zeros((), device=acc.device)
+            for micro in range(oc.grad_accum):
+                try:
+                    batch = next(batches)
+                except RuntimeError:  # DataLoader workers die on the terminal's Ctrl-C before the loop sees it
+                    if not interrupt.signal_name or acc.num_processes > 1:  # (ranks cannot agree on a step here)
+                        raise
+                    _stop_interrupted(stage, interrupt, step, start, bad_step, last_good, bar, ema, wrapped,
+                                      optimizer, scheduler, oc.checkpoint_limit)
+                rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
+                last = micro == oc.grad_accum - 1
+                if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
+                    wrapped.set_requires_gradient_sync(last)
+                sync = acc.no_sync(wrapped) if not last and not stage.fsdp else nullcontext()
+                with sync, acc.autocast():
+                    loss, extra = loss_fn(wrapped, batch, rnd, step)
+                acc.backward(loss / oc.grad_accum)
+                total += loss.detach() / oc.grad_accum
+                for k, v in extra.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / oc.grad_accum
+            total = acc.reduce(total, reduction="mean")
+            # The first step with a non-finite loss, kept on the device: reading it every step would make the host
+            # wait for the device each step (no overlap of data loading and kernel launches with compute).
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
+            grad_norm = None
+            if oc.max_grad_norm and stage.fsdp:
+                grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
+            elif oc.max_grad_norm:
+                grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
+            # fp16: a step the gradient scaler skipped (inf/nan gradients) moves neither the schedule nor the EMA
+            if not optimizer_step(optimizer, getattr(acc, "scaler", None)):
+                scheduler.step()
+                if ema is not None:
+                    ema.update(acc.unwrap_model(wrapped))
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            done = step + 1
+            late, interrupted = stop_flags(acc, deadline, interrupt, done) if done < stage.max_steps else (False, False)
+            if interrupted:
+                _stop_interrupted(stage, interrupt, done, start, bad_step, last_good, bar, ema, wrapped, optimizer,
+                                  scheduler, oc.checkpoint_limit)
+            if late:
+                end = done
+            saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
+            if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
+                _stop_if_not_finite(stage, bad_step, last_good, bar)
+            if acc.is_main_process and (done % oc.log_every == 0 or done == end):
+                record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
+                          / (time.perf_counter() - t0), **logs}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"{stage.name}/{key}", value, done)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if done == end < stage.max_steps:
+                stage.print(f"{stage.name}: stopping at step {done} of {stage.max_steps}: the time limit of "
+                            f"{oc.max_minutes} min (optim.max_minutes) is reached")
+                break
+            if saving:
+                last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
+            if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
+                _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
     bar.close()
     if board is not None:
         board.close()
@@ -460,15 +473,59 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> bool
     return scaler is not None and scaler.get_scale() < before
 
 
-def out_of_time(acc: Accelerator, deadline: float, step: int, every: int = 10) -> bool:
-    """Whether any process is past `deadline`. With several processes they agree through one small all-reduce
-    (so that all stop at one step), made every `every` steps only: it makes the host wait for the device."""
+class Interrupt:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) do not kill training: the loop writes a
+    checkpoint at the next step boundary and stops, so `--resume latest` loses nothing. A second signal stops at
+    once. Handlers can only be set from the main thread; elsewhere this does nothing."""
+
+    def __init__(self, name: str):
+        self.name, self.signal_name, self._previous = name, None, {}
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.name}: {self.signal_name}: stopping with a checkpoint after this step (again to stop now)",
+              flush=True)
+
+
+def stop_flags(acc: Accelerator, deadline: float | None, interrupt: Interrupt, step: int,
+               every: int = 10) -> tuple[bool, bool]:
+    """(past `deadline`, interrupted) on any process. With several processes they agree through one small
+    all-reduce (so that all stop at one step), made every `every` steps only: it makes the host wait for the
+    device."""
+    local = (deadline is not None and time.perf_counter() > deadline, interrupt.signal_name is not None)
     if acc.num_processes == 1:
-        return time.perf_counter() > deadline
+        return local
     if step % every:
-        return False
-    late = torch.tensor(float(time.perf_counter() > deadline), device=acc.device)
-    return bool(acc.reduce(late, reduction="sum") > 0)
+        return False, False
+    flags = acc.reduce(torch.tensor([float(f) for f in local], device=acc.device), reduction="sum") > 0
+    return bool(flags[0]), bool(flags[1])
+
+
+def _stop_interrupted(stage: Stage, interrupt: Interrupt, done: int, start: int, bad_step: torch.Tensor,
+                      last_good: Path | None, bar: Any, ema: EMA | None, wrapped: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, limit: int) -> None:
+    """Checkpoint the `done` steps (unless none were taken here) and leave with the shell's code for the signal."""
+    bar.close()
+    if done > start:
+        _stop_if_not_finite(stage, bad_step, last_good, bar)
+        path = save_checkpoint(stage, done, limit, ema, wrapped, optimizer, scheduler)
+        stage.print(f"{stage.name}: interrupted ({interrupt.signal_name}) at step {done}: wrote {path}; "
+                    "`--resume latest` continues from it")
+    code = 128 + getattr(signal, interrupt.signal_name or "SIGINT")
+    raise SystemExit(code)
 
 
 def _stop_if_not_finite(stage: Stage, bad_step: torch.Tensor, last_good: Path | None, bar: Any) -> None:
