@@ -262,8 +262,15 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     cfg = load_config(MICRO, ["--decoder.optim.lr", "3e-4", "--prior", "null", "--data.exclude_pairs",
                               "[red circle]"])
     assert cfg.decoder.optim.lr == 3e-4 and cfg.prior is None and cfg.data.exclude_pairs == ("red circle",)
-    with pytest.raises(ValueError, match="decoder.optim has keys"):
+    with pytest.raises(ValueError, match="decoder.optim has keys.*did you mean --decoder.optim.lr"):
         load_config(MICRO, ["--decoder.optim.lrr", "1"])
+    # --key=value, a wrong type named by its flag (not by the YAML file), a section under a null one
+    assert load_config(MICRO, ["--decoder.optim.lr=2e-4"]).decoder.optim.lr == 2e-4
+    with pytest.raises(ValueError, match=r"--decoder.optim.lr='abc' is not allowed; expected float"):
+        load_config(MICRO, ["--decoder.optim.lr", "abc"])
+    nulled = tmp_path / "nulled.yaml"
+    nulled.write_text("prior:\n  optim: null\n")
+    assert load_config(nulled, ["--prior.optim.lr", "1e-5"]).prior.optim.lr == 1e-5
     bad = tmp_path / "bad.yaml"
     bad.write_text("vae:\n  chanels: [8, 16]\n")
     with pytest.raises(ValueError, match="chanels"):
@@ -417,6 +424,24 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stdout + resumed.stderr
     assert (out / "vae" / "model.safetensors").is_file()
+
+
+def test_command_line_errors_are_one_line_and_a_changed_model_is_named_at_resume(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    bad = subprocess.run([sys.executable, "-m", "training.train_vae", "--config", MICRO, "--output-dir",
+                          str(tmp_path / "bad"), "--vae.optim.lrr", "1"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: unknown config key '--vae.optim.lrr'" in bad.stderr
+    common = ["--config", MICRO, "--output-dir", str(tmp_path / "run")]
+    train_vae.main([*common, "--max-steps", "2"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    with pytest.raises(ValueError, match=r"checkpoint-2: the checkpoint does not fit this model \(\d+ problem"):
+        train_vae.main([*common, "--max-steps", "3", "--resume", "latest", "--vae.channels", "[8, 24]"])
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def test_patchgan_gives_each_network_only_its_own_gradient():

@@ -99,7 +99,16 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         if ema_state is not None:
             ema_state = sharding.shard_like(ema_state, ema.shadow)
     else:
-        acc.load_state(str(checkpoint))
+        try:
+            acc.load_state(str(checkpoint))
+        except RuntimeError as error:  # load_state_dict's one line per mismatched tensor
+            if "size mismatch" not in str(error) and "Missing key" not in str(error):
+                raise
+            details = [line.strip() for line in str(error).splitlines() if line.strip().startswith(("size", "Miss"))]
+            raise ValueError(f"--resume {checkpoint}: the checkpoint does not fit this model ({len(details)} "
+                             f"problem(s), first: {details[0] if details else error}); it was written with other "
+                             f"model settings (the earlier run's are in {stage.output_dir / 'config.yaml'}): resume "
+                             "with those, or start a new --output-dir") from None
     if ema is not None and ema_state is not None:
         ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
     elif ema is not None:

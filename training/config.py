@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import os
+import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from latent_diffusion.diffusion import ScheduleConfig
-from latent_diffusion.io import atomic_write_bytes, config_from_dict, dataclass_in
+from latent_diffusion.io import _coerce_field, atomic_write_bytes, config_from_dict, dataclass_in
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,10 @@ def _coerce(text: str, like: Any, hint: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = ExperimentConfig) -> dict[str, Any]:
-    """Apply `--a.b.c value` pairs to a nested dict, refusing keys the config does not have (by name)."""
+    """Apply `--a.b.c value` (or `--a.b.c=value`) pairs to a nested dict, refusing keys the config does not have
+    (by name, with the closest key) and values of the wrong type (by flag)."""
+    overrides = [part for item in overrides
+                 for part in (item.split("=", 1) if item.startswith("--") and "=" in item else [item])]
     if len(overrides) % 2:
         raise ValueError(f"overrides come in '--key value' pairs, got {overrides}")
     for flag, text in zip(overrides[::2], overrides[1::2]):
@@ -255,19 +262,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
             fields = {f.name: f for f in dataclasses.fields(node_cls)}
             if key not in fields:
                 where = ".".join(path[:i]) or "the top level"
-                raise ValueError(f"unknown config key {flag!r}: {where} has keys {sorted(fields)}")
+                close = difflib.get_close_matches(key, fields, n=1)
+                guess = f"; did you mean --{'.'.join([*path[:i], close[0]])}?" if close else ""
+                raise ValueError(f"unknown config key {flag!r}: {where} has keys {sorted(fields)}{guess}")
             hint = typing.get_type_hints(node_cls)[key]
             sub = dataclass_in(hint)
             if i == len(path) - 1:
                 default = getattr(node_cls(), key) if _has_defaults(node_cls) else None
-                node[key] = _coerce(text, default, hint)
+                value = _coerce(text, default, hint)
+                if not isinstance(value, list):  # (lists become tuples later, in config_from_dict)
+                    value = _coerce_field(value, hint, flag)
+                node[key] = value
             else:
                 if sub is None:
                     raise ValueError(f"config key {'.'.join(path[:i + 1])} is not a section")
-                node = node.setdefault(key, {}) if node.get(key) is not None else node.setdefault(key, {})
-                if node is None:
-                    node = data[key] = {}
-                node_cls = sub
+                if node.get(key) is None:  # absent, or `null` in the YAML (`prior: null`)
+                    node[key] = {}
+                node, node_cls = node[key], sub
     return data
 
 
@@ -304,6 +315,18 @@ def config_to_yaml(config: Any) -> str:
 
 def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> None:
     atomic_write_bytes(path, config_to_yaml(config).encode())
+
+
+def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
+    """Run a stage's `main` on `sys.argv`: a configuration, data or resume error (ValueError, FileNotFoundError)
+    prints `error: ...` without a traceback and exits with status 2 (LATENT_DIFFUSION_TRACEBACK=1 shows it)."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def positive_int(text: str) -> int:

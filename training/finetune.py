@@ -29,7 +29,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,7 +46,7 @@ from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
 from training.common import build_dataset, dataset_captions, decoder_loss
-from training.config import FinetuneConfig, apply_overrides, positive_int
+from training.config import FinetuneConfig, apply_overrides, positive_int, run_from_command_line
 from training.loop import StepRandom, fit, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
@@ -369,4 +368,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

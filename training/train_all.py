@@ -16,7 +16,7 @@ import sys
 import time
 
 from training import train_clip, train_decoder, train_prior, train_vae
-from training.config import stage_parser
+from training.config import run_from_command_line, stage_parser
 
 STAGES = (("clip", train_clip), ("vae", train_vae), ("prior", train_prior), ("decoder", train_decoder))
 
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -9,7 +9,6 @@ Writes `tokenizer/`, `text_encoder/` (CLIPTextModelWithProjection) and `image_en
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from latent_diffusion.models.clip import (
     train_clip_tokenizer,
 )
 from training.common import build_dataset, dataset_captions, excluded_pairs
-from training.config import stage_parser
+from training.config import run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
 
@@ -187,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

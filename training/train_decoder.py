@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from latent_diffusion.io import config_to_dict, load_safetensors, save_safetenso
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
 from training.common import TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
-from training.config import ExperimentConfig, stage_parser
+from training.config import ExperimentConfig, run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
 
@@ -185,4 +184,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

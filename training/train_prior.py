@@ -12,8 +12,6 @@ Writes `prior/` into the output folder (needs `train_clip` first).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +19,7 @@ from latent_diffusion.diffusion import Denoiser, NoiseSchedule, diffusion_loss, 
 from latent_diffusion.models import DiffusionPrior, DiffusionPriorConfig
 from latent_diffusion.pipeline import PipelineConfig
 from training.common import build_dataset, encode_batch, load_clip
-from training.config import stage_parser
+from training.config import run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
 
@@ -103,4 +101,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

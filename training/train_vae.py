@@ -10,7 +10,6 @@ Writes `vae/` into the output folder.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import torch
@@ -27,7 +26,7 @@ from latent_diffusion.models import (
     hinge_generator_loss,
 )
 from training.common import build_dataset
-from training.config import stage_parser
+from training.config import run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
 
@@ -136,4 +135,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)
