@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler of the decoder, and of the prior unless the pipeline configures the prior's own "
                         "(default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    g.add_argument("--out", default="outputs", help="a folder (one PNG per image) or a .png path (a grid)")
+    g.add_argument("--out", default="outputs",
+                   help="a folder (one PNG per image), or an image file path (.png, .jpg, .webp, ...: one grid)")
     g.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:N, mps")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
@@ -125,9 +126,22 @@ def resolve_device(name: str):  # noqa: ANN201 - torch.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name!r}: {e}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ValueError(f"--device {name!r}: no {device.type} device is available to this torch "
+                         f"({torch.__version__}); use auto or cpu")
+    return device
+
+
+def _image_extensions() -> set[str]:
+    """File extensions Pillow can write (".png", ".jpg", ...)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
 def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image
@@ -151,6 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (folder / "model_index.json").is_file():
         print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
         return 2
+    for flag in ("num_images", "steps", "prior_steps"):  # before the pipeline loads, named as typed
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    out_path = Path(args.out)
+    grid = out_path.suffix.lower() in _image_extensions()
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:
@@ -164,8 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                seed=args.seed, height=args.height, width=args.width, progress=not args.quiet,
                image_guidance_scale=args.image_guidance)
     elapsed = time.perf_counter() - start
-    out_path = Path(args.out)
-    if out_path.suffix.lower() == ".png":
+    if grid:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         make_grid(out.images).save(out_path)
         paths = [out_path]
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "convert":
             return cmd_convert(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -46,7 +46,7 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         import xformers.ops as xops
     except ImportError as e:
         raise ValueError("attention backend 'xformers' needs the xformers package: "
-                         "pip install 'latent-diffusion[xformers]' (CUDA only)") from e
+                         "pip install xformers (CUDA only; in a checkout: pip install -e '.[xformers]')") from e
     if not q.is_cuda:
         raise ValueError(f"attention backend 'xformers' runs on CUDA only, got a tensor on {q.device}; "
                          "use 'sdpa' or 'math'")

@@ -1,4 +1,4 @@
-"""LoRA adapters (Hu et al. 2022) for a `TextToImagePipeline`, through `peft` (`pip install 'latent-diffusion[lora]'`).
+"""LoRA adapters (Hu et al. 2022) for a `TextToImagePipeline`, through `peft` (`pip install peft`).
 
 A LoRA adds a low-rank update to chosen linear layers, W x + (α / r) · s · B A x, with A (r, in) and B (out, r),
 where s is the user's scale (1 by default). The adapted layers are the attention projections `to_q`, `to_k`,
@@ -48,7 +48,8 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as error:
-        raise ImportError("LoRA needs the peft package: pip install 'latent-diffusion[lora]'") from error
+        raise ImportError("LoRA needs the peft package: pip install peft (in a checkout: pip install -e '.[lora]')") \
+            from error
     return peft
 
 

@@ -269,6 +269,10 @@ class TextToImagePipeline:
         if not folder.is_dir():
             raise FileNotFoundError(f"pipeline folder not found: {folder}")
         index = read_json(folder / MODEL_INDEX)
+        if "_diffusers_version" in index:
+            raise ValueError(f"{folder} is a diffusers {index.get('_class_name', 'pipeline')} folder: load it with "
+                             "TextToImagePipeline.from_diffusers, or convert it once with `latent-diffusion convert "
+                             "--from-diffusers SOURCE DEST`")
         components = index.get("components", {})
         for required in ("tokenizer", "text_encoder", "decoder", "vae"):
             if required not in components:

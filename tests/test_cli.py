@@ -22,9 +22,10 @@ def test_generate_writes_one_png_per_image(tiny_pipeline_dir, tmp_path, capsys):
 
 
 def test_generate_grid(tiny_pipeline_dir, tmp_path):
-    rc = main(["generate", "a blue star", "--pipeline", str(tiny_pipeline_dir), "--num-images", "3", "--steps", "2",
-               "--prior-steps", "2", "--sampler", "ddim", "--out", str(tmp_path / "grid.png"), "--quiet"])
-    assert rc == 0 and Image.open(tmp_path / "grid.png").size == (48, 16)
+    for name in ("grid.png", "grid.jpg"):  # any extension Pillow writes is one grid file, not a folder
+        rc = main(["generate", "a blue star", "--pipeline", str(tiny_pipeline_dir), "--num-images", "3", "--steps",
+                   "2", "--prior-steps", "2", "--sampler", "ddim", "--out", str(tmp_path / name), "--quiet"])
+        assert rc == 0 and (tmp_path / name).is_file() and Image.open(tmp_path / name).size == (48, 16)
 
 
 def test_generate_fast_gives_the_same_images(tiny_pipeline_dir, tmp_path, monkeypatch):
@@ -66,6 +67,7 @@ def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
         ["--steps", "0", "--pipeline", str(tiny_pipeline_dir)],
         ["--pipeline", str(tmp_path / "missing")],
         ["--guidance", "-1", "--pipeline", str(tiny_pipeline_dir)],
+        ["--prior-steps", "-5", "--pipeline", str(tiny_pipeline_dir)],
     ]
     for extra in cases:
         result = subprocess.run([CLI, "generate", "a red circle", *extra, "--out", str(tmp_path)],
@@ -73,6 +75,7 @@ def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+        assert "num_inference_steps" not in result.stderr  # errors name the flags as typed
     result = subprocess.run([CLI, "generate", "x", "--sampler", "plms"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "invalid choice: 'plms'" in result.stderr
 
@@ -92,3 +95,18 @@ def test_convert_to_half_precision(tiny_pipeline_dir, tmp_path):
     assert main(["convert", str(tmp_path / "half"), str(tmp_path / "ig"), "--image-guidance", "0.5"]) == 0
     assert TextToImagePipeline.from_pretrained(tmp_path / "ig").config.image_guidance_scale == 0.5
     assert main(["convert", str(tmp_path / "half"), str(tmp_path / "bad"), "--image-guidance", "-1"]) == 2
+
+
+def test_device_that_is_not_there_and_a_diffusers_folder_are_named(tiny_pipeline_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    if not torch.cuda.is_available():
+        assert main(["generate", "x", "--pipeline", str(tiny_pipeline_dir), "--device", "cuda"]) == 2
+        assert "--device 'cuda': no cuda device is available" in capsys.readouterr().err
+    diffusers_like = tmp_path / "unclip"
+    shutil.copytree(tiny_pipeline_dir, diffusers_like)
+    (diffusers_like / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableUnCLIPPipeline", "_diffusers_version": "0.42.1", "tokenizer": ["transformers", "x"]}))
+    assert main(["generate", "x", "--pipeline", str(diffusers_like)]) == 2
+    assert "is a diffusers StableUnCLIPPipeline folder" in capsys.readouterr().err
