@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from latent_diffusion.diffusion import (
     SAMPLERS,
@@ -336,7 +336,7 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def encode_image(self, images: Any) -> torch.Tensor:
-        """PIL image(s) or a tensor (B, 3, H, W) in [0, 1] → CLIP image embeddings (B, D)."""
+        """PIL image(s), image file path(s) or a tensor (B, 3, H, W) in [0, 1] → CLIP image embeddings (B, D)."""
         if self.image_encoder is None:
             raise ValueError("this pipeline has no image_encoder; image variations need one")
         pixels = _to_tensor(images, self.device, torch.float32)  # resampling kernels want fp32 on CPU
@@ -512,6 +512,8 @@ class TextToImagePipeline:
         A single generator for a single image is used as it is: it then draws, in order, the prior's start
         noise, the prior sampler's noise, the image-embedding noise and the latents — diffusers' order."""
         if generator is not None:
+            if seed is not None:
+                raise ValueError("pass seed or generator, not both")
             gens = generator if isinstance(generator, list) else [generator]
             if len(gens) == 1 and n > 1:
                 base = int(torch.randint(0, 2**62, (1,), generator=gens[0], device=gens[0].device).item())
@@ -709,12 +711,25 @@ def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: to
 
 
 def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """PIL image(s) (RGB) or a tensor (B, 3, H, W) / (3, H, W) in [0, 1] → (B, 3, H, W) in [0, 1]."""
+    """PIL image(s) or image file path(s) (any mode: transparency on white) or a tensor (B, 3, H, W) / (3, H, W)
+    in [0, 1] → (B, 3, H, W) in [0, 1]."""
+    from latent_diffusion.data.image_text import to_rgb
+
     if isinstance(images, torch.Tensor):
         t = images if images.ndim == 4 else images[None]
     else:
         images = images if isinstance(images, (list, tuple)) else [images]
-        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+        opened = []
+        for im in images:
+            if isinstance(im, (str, Path)):
+                with Image.open(im) as file:
+                    im = ImageOps.exif_transpose(file)
+                    im.load()
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"expected PIL images, image file paths or a (B, 3, H, W) tensor, got "
+                                f"{type(im).__name__}")
+            opened.append(to_rgb(im))
+        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in opened]
         sizes = {a.shape for a in arrays}
         if len(sizes) > 1:
             raise ValueError(f"images have different sizes {sorted(sizes)}; resize them to one size")

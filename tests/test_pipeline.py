@@ -310,3 +310,15 @@ def test_negative_prompts_as_a_tuple_or_a_list(tiny_pipeline):
     b = tiny_pipeline(prompts, negative_prompt=("green", "yellow"), seed=0, output_type="pt", **FAST).images
     c = tiny_pipeline(prompts, negative_prompt="green", seed=0, output_type="pt", **FAST).images
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_image_paths_are_images_and_seed_with_generator_is_refused(tiny_pipeline, tmp_path):
+    image = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "in.png")
+    kw = dict(num_inference_steps=2, seed=0, output_type="pt", progress=False)
+    torch.testing.assert_close(tiny_pipeline.image_variations(str(tmp_path / "in.png"), **kw).images,
+                               tiny_pipeline.image_variations(image, **kw).images)
+    with pytest.raises(TypeError, match="got ndarray"):
+        tiny_pipeline.image_variations(np.asarray(image), **kw)
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        tiny_pipeline("a red circle", seed=0, generator=torch.Generator().manual_seed(0), **FAST)
