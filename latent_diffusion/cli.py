@@ -231,7 +231,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.fast:
         speed_up(pipe, device)
-    items = prompt_suite(args.num_prompts, args.suite_seed, heldout_pairs(folder, args.heldout))
+    heldout = heldout_pairs(folder, args.heldout)
+    if not heldout and args.heldout is None:
+        print(f"note: {folder} records no held-out colour×shape pairs (no config.yaml with data.exclude_pairs beside "
+              "it; save_pretrained and fine-tuning do not write one), so the suite has no held-out group; pass "
+              "--heldout 'purple star, cyan cross' to name them", file=sys.stderr)
+    items = prompt_suite(args.num_prompts, args.suite_seed, heldout)
     quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ def test_evaluate_command_writes_report(tiny_pipeline_dir, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["samplers"]) == {"DPM-Solver++(2M) 20"}
     assert set(results["ablations"]) == {"prior + decoder", "text only", "true image embedding"}
+    # the "prior + decoder" ablation is the same call as the setting it names: reused, not generated again
+    assert results["ablations"]["prior + decoder"] == results["samplers"]["DPM-Solver++(2M) 20"]
     assert results["real_images"]["pass_rate"] >= 0.75
     run = results["samplers"]["DPM-Solver++(2M) 20"]
     assert 0 <= run["pass_rate"] <= 1 and run["fd_clip"] >= 0

@@ -281,6 +281,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     typed.write_text("vae:\n  optim: {lr_schedule: linear}\n")
     with pytest.raises(ValueError, match=r"lr_schedule='linear' is not allowed; expected \['constant', 'cosine'\]"):
         load_config(typed)
+    with pytest.raises(ValueError, match="data.random_flip applies to image_text data only"):
+        load_config(MICRO, ["--data.random_flip", "true"])  # shapes: it would be silently ignored
     with pytest.raises(ValueError, match="batch_size='many'"):
         load_config(MICRO, ["--vae.optim.batch_size", "many"])
     with pytest.raises(FileNotFoundError, match="config file not found"):

@@ -84,6 +84,12 @@ class DataConfig:
     validation_prompts: tuple[str, ...] = ("a red circle on the left", "a large blue square in the center",
                                            "a green star above a yellow triangle")
 
+    def __post_init__(self) -> None:
+        augment = [k for k in ("random_crop", "random_flip") if getattr(self, k)]
+        if augment and self.source != "image_text":  # the synthetic sources render each sample at its size
+            raise ValueError(f"data.{augment[0]} applies to image_text data only; source {self.source!r} ignores it: "
+                             f"set it false")
+
 
 @dataclass(frozen=True)
 class ClipStageConfig:
