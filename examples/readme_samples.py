@@ -7,6 +7,7 @@ pipeline, DPM-Solver++(2M) 20 steps, upscaled 2× (nearest) with the prompt abov
 import argparse
 
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from latent_diffusion import TextToImagePipeline
 
@@ -20,7 +21,8 @@ def main() -> None:
     parser.add_argument("--out", default="assets/samples.png")
     args = parser.parse_args()
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
-    rows = [pipe(p, num_images_per_prompt=4, num_inference_steps=20, seed=0, progress=False).images for p in PROMPTS]
+    rows = [pipe(p, num_images_per_prompt=4, num_inference_steps=20, seed=0, progress=False).images
+            for p in tqdm(PROMPTS, desc="prompts")]
     S, pad = 128, 4
     canvas = Image.new("RGB", (4 * (S + pad) + pad, len(PROMPTS) * (S + 22 + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)

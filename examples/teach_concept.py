@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -159,7 +160,7 @@ def write_replay(folder: Path, pipeline: str, num_images: int, seed: int = 7, de
     exclude = set(heldout_pairs(Path(pipeline)))
     captions = [caption(sample_spec(rng, exclude)) for _ in range(num_images)]  # 1-3 objects: rehearse all of it
     rows, batch = [], 16
-    for start in range(0, num_images, batch):
+    for start in tqdm(range(0, num_images, batch), desc="replay images", unit="batch"):
         with torch.no_grad():
             images = pipe(captions[start:start + batch], num_inference_steps=20, prior_num_inference_steps=20,
                           seed=seed + start, progress=False).images
@@ -245,7 +246,7 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
             load_lora(pipe, out / "lora", scale=lora_scale)
         elif model == "tuned":
             pipe = TextToImagePipeline.from_pretrained(out / method, device=device)
-        for group, specs in groups.items():
+        for group, specs in tqdm(groups.items(), desc=f"evaluate {model}", unit="group"):
             prompts = [caption(s) for s in specs]
             with torch.no_grad():
                 images = pipe(prompts, num_images_per_prompt=seeds, num_inference_steps=steps,
@@ -260,7 +261,7 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
             make_grid(images, columns=seeds * 4).save(folder / f"{group.replace(' ', '_')}-{name}.png")
         with torch.no_grad():
             scored = evaluate_suite(pipe, suite, seeds=suite_seeds, settings=(("DPM-Solver++(2M) 20", "dpmpp_2m", 20),),
-                                    progress=False, image_guidance_scale=image_guidance)
+                                    image_guidance_scale=image_guidance)
         results["suite"][model] = scored["samplers"]["DPM-Solver++(2M) 20"]["pass_rate"]
     if method == "lora":
         unload_lora(pipe)
@@ -287,8 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    intro, rest = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(description=intro, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=rest)
     parser.add_argument("step", choices=["data", "train", "evaluate", "all"])
     parser.add_argument("--concept", choices=sorted(CONCEPTS), default="pink", help="what to teach")
     parser.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA or full fine-tuning")

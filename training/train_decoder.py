@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from latent_diffusion import speed
 from latent_diffusion.diffusion import NoiseSchedule
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
             loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
-            parts = [{k: v.cpu() for k, v in features(b).items()} for b in loader]
+            batches = tqdm(loader, desc="decoder: caching", unit="batch", disable=not acc.is_main_process)
+            parts = [{k: v.cpu() for k, v in features(b).items()} for b in batches]
             dataset = CachedFeatures({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
             if acc.is_main_process:  # kept for resumed or continued runs; stale ones go
                 for old in stage.work_dir.glob("features-*.safetensors"):
