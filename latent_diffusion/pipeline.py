@@ -229,7 +229,11 @@ class TextToImagePipeline:
                         components: list[str] | None = None) -> None:
         """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights.
         `components` writes only those (plus `model_index.json`), leaving the others' files untouched."""
+        from transformers.utils import logging as hf_logging
+
         from latent_diffusion.lora import lora_components
+
+        hf_logging.disable_progress_bar()  # transformers' per-file "Writing model shards" bars
 
         adapted = lora_components(self)
         if adapted:

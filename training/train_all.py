@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from training import train_clip, train_decoder, train_prior, train_vae
 from training.config import run_from_command_line, stage_parser
@@ -23,14 +24,16 @@ STAGES = (("clip", train_clip), ("vae", train_vae), ("prior", train_prior), ("de
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage_parser(__doc__, "training.train_all").parse_known_args(argv)  # --help and argument errors, up front
+    # --help and argument errors up front
+    out = stage_parser(__doc__, "training.train_all").parse_known_args(argv)[0].output_dir
     from accelerate.state import AcceleratorState
 
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # the launcher sets RANK
-
     start = time.perf_counter()
     for name, module in STAGES:
         t0 = time.perf_counter()
+        marker = Path(out) / "_work" / name / "DONE"
+        before = marker.stat().st_mtime_ns if marker.is_file() else None
         if name == "clip" and "--fsdp" in argv:  # CLIP is small: it trains data-parallel
             say("[train_all] clip: --fsdp covers the vae, prior and decoder stages; CLIP trains data-parallel",
                 flush=True)
@@ -39,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
             module.main(argv)
         # Each stage builds its own Accelerator (its own mixed precision); keep the process group.
         AcceleratorState._reset_state(reset_partial_state=False)
-        say(f"[train_all] {name} finished in {time.perf_counter() - t0:.1f} s", flush=True)
+        after = marker.stat().st_mtime_ns if marker.is_file() else None
+        what = "finished" if after != before else "skipped" if after is not None else "had nothing to train"
+        say(f"[train_all] {name} {what} in {time.perf_counter() - t0:.1f} s", flush=True)
     say(f"[train_all] all stages finished in {time.perf_counter() - start:.1f} s", flush=True)
 
 

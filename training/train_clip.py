@@ -10,6 +10,7 @@ Writes `tokenizer/`, `text_encoder/` (CLIPTextModelWithProjection) and `image_en
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +29,31 @@ from training.config import run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
 
+class _GatherRows(torch.autograd.Function):
+    """(B, ...) on each of W processes → (W·B, ...) on every one. Backward: each process's loss reaches this
+    process's rows through its own copy, so their gradient is the sum over processes (an all-reduce), sliced."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        ctx.rows = x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        start = torch.distributed.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather rows from every process, keeping the autograd path to the local rows."""
+    """All-gather rows (B, ...) from every process into (W·B, ...), keeping the autograd path to the local rows."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherRows.apply(x)
 
 
 def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor,
@@ -177,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if acc.is_main_process:
         text_encoder, image_encoder = split_clip_model(clip)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' per-file "Writing model shards" bars
         tokenizer.save_pretrained(out / "tokenizer")
         text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         image_encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
