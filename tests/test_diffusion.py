@@ -404,6 +404,8 @@ def test_errors_name_the_valid_choices():
     for n in (0, 1001):
         with pytest.raises(ValueError, match="steps"):
             s.timesteps(n)
+    with pytest.raises(ValueError, match="reach t = 1000, past the last timestep 999"):
+        s.timesteps(1000, "leading", steps_offset=1)  # was clamped to 999: a repeated sigma
     with pytest.raises(ValueError, match="zero"):
         s.sampling_sigmas(10, final_sigma="one")
     with pytest.raises(ValueError, match="dpmpp_2m"):

@@ -416,3 +416,10 @@ def test_fp16_on_a_cpu_is_refused_before_any_model_loads(tiny_pipeline_dir, imag
     with pytest.raises(ValueError, match="fp16 needs a GPU; on a CPU use bf16"):
         run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1",
                        "--mixed-precision", "fp16", "--output-dir", str(tmp_path), *FAST)
+
+
+def test_an_option_spelt_with_underscores_is_named(tiny_pipeline_dir, imagefolder, tmp_path):
+    with pytest.raises(ValueError, match="unknown option --learning_rate; did you mean --learning-rate"):
+        run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder),
+                       "--learning_rate", "1e-4", "--output-dir", str(tmp_path))
+

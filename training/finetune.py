@@ -189,7 +189,12 @@ def _cast_frozen(modules: list[nn.Module], dtype: torch.dtype) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    for flag in overrides:  # an option misspelt with underscores would otherwise read as an unknown config key
+        spelled = flag.split("=", 1)[0].replace("_", "-")
+        if flag.startswith("--") and spelled in parser._option_string_actions:
+            raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim

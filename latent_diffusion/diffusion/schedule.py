@@ -153,6 +153,9 @@ class NoiseSchedule:
             ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
+        if ts.max() > T - 1:  # leading spacings with steps_offset at (nearly) every timestep
+            raise ValueError(f"{n} steps with {spacing} spacing and steps_offset {steps_offset} reach t = "
+                             f"{int(ts.max())}, past the last timestep {T - 1}: use fewer steps")
         return torch.from_numpy(ts.astype(np.float64))
 
     def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
