@@ -301,7 +301,6 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="would freeze data.random_flip"):
         load_config(MICRO, ["--decoder.cache", "true", "--data.random_flip", "true", "--data.source", "image_text",
                             "--data.train_data_dir", "my-images"])
-    load_config(MICRO, ["--decoder.cache", "true", "--data.random_flip", "true"])  # shapes ignore the flip
 
 
 def test_decoder_timesteps_can_favour_high_noise():
