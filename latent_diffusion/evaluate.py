@@ -174,7 +174,9 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
     rng = np.random.default_rng(0)
     real = [render(item.spec, rng, 64) for item in expanded]
     real_embeds = _image_embeds(pipe, real, batch_size)
-    text_embeds = torch.cat([pipe.encode_prompt(list(p))[1] for p in _chunks([i.prompt for i in expanded],
+    # CLIP text embeddings from the tower paired with the image encoder: the prior's own when it has one (a converted
+    # Stable unCLIP's decoder reads another text encoder)
+    text_embeds = torch.cat([pipe.encode_prior_prompt(list(p))[1] for p in _chunks([i.prompt for i in expanded],
                                                                             batch_size)])
 
     def generate(sampler: str, steps: int, image_embeds: torch.Tensor | None, name: str) -> list[Image.Image]:
@@ -203,7 +205,7 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
     results["real_images"] = {**score_images(real, expanded), "clip_score": 100 * real_text_cos}
     results["clip_binding"] = clip_binding(lambda captions: torch.cat(
-        [pipe.encode_prompt(chunk)[1].float().cpu() for chunk in _chunks(captions, batch_size)]), real_embeds,
+        [pipe.encode_prior_prompt(chunk)[1].float().cpu() for chunk in _chunks(captions, batch_size)]), real_embeds,
         [item.spec for item in expanded])
     # The VAE bounds everything the decoder can draw: score the real images after an encode/decode round trip.
     recon = _reconstruct(pipe, real, batch_size)
