@@ -499,9 +499,22 @@ def test_cfg_and_batched_cfg_agree():
     calls.clear()
     torch.testing.assert_close(cfg(cond, uncond, 1.0)(x, sigma), 2 * x + 2)
     assert calls == ["c"]  # scale 1 skips the unconditional branch
-    # rescale = 1: the guided prediction takes the per-sample std of the conditional one (Lin et al. Eq. 15)
-    out = cfg(cond, uncond, 7.5, rescale=1.0)(x, sigma)
-    torch.testing.assert_close(out.std(1), (2 * x + 2).std(1))
+    # The guidance rescale (Lin et al. 2024, Algorithm 2) acts on the v-predictions these x0 imply: it equals
+    # diffusers' rescale_noise_cfg on a v-prediction model's outputs, at any noise level
+    _diffusers()
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    sigma = torch.tensor([0.3, 2.0, 14.6, 4096.0])
+
+    def to_v(x0):  # v = α ε − σ_VP x0 in VE terms
+        s = sigma[:, None]
+        return (x - (1 + s**2) * x0) / (s * (1 + s**2).sqrt())
+
+    v_cond, v_uncond = to_v(cond(x, sigma)), to_v(uncond(x, sigma))
+    for phi in (0.7, 1.0):
+        reference = rescale_noise_cfg(v_uncond + 7.5 * (v_cond - v_uncond), v_cond, guidance_rescale=phi)
+        torch.testing.assert_close(to_v(cfg(cond, uncond, 7.5, rescale=phi)(x, sigma)), reference,
+                                   rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batched_cfg(both, 7.5, rescale=0.7)(x, sigma), cfg(cond, uncond, 7.5, 0.7)(x, sigma))
 
 

@@ -75,20 +75,29 @@ def _append_dims(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---- guidance ------------------------------------------------------------------------------------------
 
 
-def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
+def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float, x: torch.Tensor,
+           sigma: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance u + s (c - u) (Ho & Salimans 2022, Eq. 6) on x0 predictions, then the
-    guidance rescale of Lin et al. 2024, Eq. 15–16: match the std of the conditional prediction (over all
-    non-batch dims) and blend with weight `rescale`."""
-    return _rescale(uncond + scale * (cond - uncond), cond, rescale)
+    guidance rescale of Lin et al. 2024 (`_rescale`)."""
+    return _rescale(uncond + scale * (cond - uncond), cond, rescale, x, sigma)
 
 
-def _rescale(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
-    """Lin et al. 2024, Eq. 15–16: blend `guided` (weight `rescale`) with itself scaled to `cond`'s std."""
-    if rescale > 0:
-        dims = tuple(range(1, cond.ndim))
-        rescaled = guided * cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
-        guided = rescale * rescaled + (1 - rescale) * guided
-    return guided
+def _rescale(guided: torch.Tensor, cond: torch.Tensor, rescale: float, x: torch.Tensor,
+             sigma: torch.Tensor) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, §3.4, Eq. 15–16 and Algorithm 2), on v-predictions as the paper does it:
+    the x0 predictions (B, ...) at the VE sample x and noise level sigma (B,) imply
+    v = α (x − (1 + σ²) x0) / σ with α = 1/sqrt(1 + σ²) (Salimans & Ho 2022, v = α ε − σ_VP x0 in VE terms);
+    the guided v is blended (weight `rescale`) with itself scaled to the conditional v's std over all non-batch
+    dims, then mapped back to x0. v is affine in x0, so the guidance itself is the same in either space."""
+    if rescale <= 0:
+        return guided
+    s = _append_dims(sigma, x).to(x.dtype).clamp_min(1e-6)
+    root = (1 + s**2).sqrt()
+    v_guided, v_cond = ((x - (1 + s**2) * x0) / (s * root) for x0 in (guided, cond))
+    dims = tuple(range(1, x.ndim))
+    rescaled = v_guided * v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True)
+    v = rescale * rescaled + (1 - rescale) * v_guided
+    return (x - v * s * root) / (1 + s**2)
 
 
 def cfg(cond_fn: DenoiserFn, uncond_fn: DenoiserFn, scale: float, rescale: float = 0.0) -> DenoiserFn:
@@ -99,7 +108,7 @@ def cfg(cond_fn: DenoiserFn, uncond_fn: DenoiserFn, scale: float, rescale: float
         cond = cond_fn(x, sigma, **extra)
         if scale == 1.0 and rescale == 0.0:
             return cond
-        return _guide(uncond_fn(x, sigma, **extra), cond, scale, rescale)
+        return _guide(uncond_fn(x, sigma, **extra), cond, scale, rescale, x, sigma)
 
     return denoiser
 
@@ -110,7 +119,7 @@ def batched_cfg(fn: DenoiserFn, scale: float, rescale: float = 0.0) -> DenoiserF
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
         uncond, cond = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra).chunk(2)  # 2 × (B, ...)
-        return _guide(uncond, cond, scale, rescale)
+        return _guide(uncond, cond, scale, rescale, x, sigma)
 
     return denoiser
 
@@ -124,7 +133,7 @@ def batched_dual_cfg(fn: DenoiserFn, text_scale: float, image_scale: float, resc
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
         uncond, text, full = fn(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), **extra).chunk(3)
-        return _rescale(uncond + text_scale * (text - uncond) + image_scale * (full - text), full, rescale)
+        return _rescale(uncond + text_scale * (text - uncond) + image_scale * (full - text), full, rescale, x, sigma)
 
     return denoiser
 
