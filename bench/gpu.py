@@ -231,7 +231,8 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
     rows, flops = [], {}
     for impl in impls:
         base = impl.removesuffix("+compile")
-        for ckpt in (False, True) if impl == base else (False,):
+        # with --train-compile the eager rows are the baseline only: no checkpointing rows (budget for the compiles)
+        for ckpt in (False, True) if impl == base and not args.train_compile else (False,):
             if budget.left() < (120 if impl != base else 45):
                 notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
                 continue
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compiled", nargs="*", default=["full", "blocks"], choices=["full", "blocks"],
                         help="compiled section: whole-model torch.compile (as diffusers) and regional compile_blocks")
     parser.add_argument("--train-compile", action="store_true",
-                        help="training section: also whole-model torch.compile on ours and diffusers (MFU)")
+                        help="training section: also whole-model torch.compile on ours and diffusers (MFU); the "
+                             "eager rows then skip gradient checkpointing")
     parser.add_argument("--train-impls", nargs="+", default=["ours+switches", "diffusers"],
                         choices=["ours+switches", "ours+fuse", "ours+fuse+lpnorm", "ours+fuse+cudnn", "diffusers"],
                         help="training section: the implementations timed (ours+fuse: NCHW, fused q/k/v; "
