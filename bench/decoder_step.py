@@ -48,7 +48,8 @@ from latent_diffusion import TextToImagePipeline  # noqa: E402
 from latent_diffusion.data.shapes import ShapesDataset  # noqa: E402
 from latent_diffusion.diffusion import NoiseSchedule  # noqa: E402
 from training.common import decoder_loss, encode_batch, tokenize_once  # noqa: E402
-from training.loop import EMA, StepRandom  # noqa: E402
+from training.ema import EMA  # noqa: E402
+from training.loop import StepRandom  # noqa: E402
 
 
 def loader_rate(batch: int, workers: int, steps: int) -> float:

@@ -237,7 +237,7 @@ def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):
 def test_resumed_ema_stays_on_the_models_device():
     """Checkpoints load on the CPU; a resumed EMA must average on the model's device (a GPU run failed here).
     The meta device stands in for a second device on a CPU-only machine."""
-    from training.loop import EMA
+    from training.ema import EMA
 
     saved = EMA(torch.nn.Linear(3, 2), 0.9).state_dict()
     ema = EMA(torch.nn.Linear(3, 2, device="meta"), 0.9)

@@ -21,7 +21,8 @@ from latent_diffusion.io import load_safetensors, save_safetensors
 from training import sharding
 
 if TYPE_CHECKING:
-    from training.loop import EMA, Stage
+    from training.ema import EMA
+    from training.loop import Stage
 
 
 def list_checkpoints(work_dir: Path) -> list[Path]:

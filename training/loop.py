@@ -1,6 +1,7 @@
 """The training machinery every stage shares, written once: Accelerate set-up, step-indexed data, per-step
-randomness, AdamW with warmup + cosine/constant LR, EMA, exact resume (the checkpoints themselves are
-training/checkpoint.py), NaN guard, JSONL metrics and a tqdm bar on the main process.
+randomness, AdamW with warmup + cosine/constant LR, EMA (training/ema.py), exact resume (the checkpoints
+themselves are training/checkpoint.py), Ctrl-C / preemption handling, NaN guard, JSONL metrics and a tqdm bar
+on the main process.
 
 Exactness by construction: the samples of global step s, and the noise drawn for them, depend only on
 (seed, s), never on how many processes run or where a run was resumed. Each process takes its contiguous
@@ -41,6 +42,7 @@ from training.checkpoint import (
     set_aside_later_checkpoints,
 )
 from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
+from training.ema import EMA
 
 
 @dataclass
@@ -251,47 +253,6 @@ def lr_factor(step: int, oc: OptimConfig, max_steps: int) -> float:
         return 1.0
     progress = (step - oc.warmup_steps) / max(1, max_steps - oc.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class EMA:
-    """Exponential moving average of parameters, θ_ema ← d θ_ema + (1 - d) θ, with the warmup
-    d_t = min(d, (1 + t) / (10 + t)). Checkpointed with the run; the exported weights are the EMA ones."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.restart(model)
-
-    def restart(self, model: torch.nn.Module) -> None:
-        """Start the average over at `model`'s current weights (step 0)."""
-        self.step = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.step += 1
-        d = min(self.decay, (1 + self.step) / (10 + self.step))
-        state = model.state_dict()
-        groups: dict[type, list[str]] = {}  # sharded (DTensor) and plain tensors do not mix in one foreach call
-        for k, v in state.items():
-            if v.is_floating_point():
-                groups.setdefault(type(v), []).append(k)
-        # θ_ema + (1 - d)(θ - θ_ema) as one fused kernel per group, not two per tensor: a small model's step on a
-        # GPU is launch-bound
-        for keys in groups.values():
-            torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].float() for k in keys], 1 - d)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])  # checkpoints load on the CPU: keep each average where the model is
-        self.shadow = {k: v.to(self.shadow[k].device, torch.float32) for k, v in state["shadow"].items()}
 
 
 # --- resume -----------------------------------------------------------------------------------------------
