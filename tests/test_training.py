@@ -266,6 +266,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(MICRO, ["--decoder.optim.lrr", "1"])
     # --key=value, a wrong type named by its flag (not by the YAML file), a section under a null one
     assert load_config(MICRO, ["--decoder.optim.lr=2e-4"]).decoder.optim.lr == 2e-4
+    assert load_config(MICRO, ["--decoder.optim", "{lr: 1.0e-4}"]).decoder.optim.lr == 1e-4  # a whole section
     with pytest.raises(ValueError, match=r"--decoder.optim.lr='abc' is not allowed; expected float"):
         load_config(MICRO, ["--decoder.optim.lr", "abc"])
     nulled = tmp_path / "nulled.yaml"
@@ -379,8 +380,8 @@ def test_tensorboard_logs_when_installed(tmp_path):
 
 
 def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys):
-    """`--max-steps N` sets the stage's optim.max_steps: the config record says N, so rerunning from it reproduces
-    the run; N < 1 is refused by argparse before anything starts."""
+    """`--max-steps N` sets optim.max_steps of every stage: the config record says N (for each stage train_all
+    runs), so rerunning from it reproduces the run; N < 1 is refused by argparse before anything starts."""
     import yaml
     from accelerate.state import AcceleratorState
 
@@ -388,7 +389,8 @@ def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys)
 
     train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "3"])
     AcceleratorState._reset_state(reset_partial_state=False)
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["vae"]["optim"]["max_steps"] == 3
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert {recorded[s]["optim"]["max_steps"] for s in ("clip", "vae", "prior", "decoder")} == {3}  # (train_all)
     for bad in ("0", "-3"):
         with pytest.raises(SystemExit):
             train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path / "bad"), "--max-steps", bad])

@@ -276,7 +276,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
             if i == len(path) - 1:
                 default = getattr(node_cls(), key) if _has_defaults(node_cls) else None
                 value = _coerce(text, default, hint)
-                if not isinstance(value, list):  # (lists become tuples later, in config_from_dict)
+                if not isinstance(value, (list, dict)):  # (config_from_dict builds tuples and sections later)
                     value = _coerce_field(value, hint, flag)
                 node[key] = value
             else:
@@ -354,7 +354,8 @@ def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="the stage's optimiser steps: sets <stage>.optim.max_steps (the LR schedule spans them)")
+                        help="optimiser steps: sets optim.max_steps of every stage in the config (the LR schedule "
+                             "spans them)")
     parser.add_argument("--fsdp", action="store_true",
                         help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
                              "gradients and optimizer state split across processes; in fp32 the same weights as "

@@ -115,8 +115,8 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     and create the folders (main process only). The config is recorded once the stage trains (`fit`,
     `Stage.record_config`)."""
     config = load_config(args.config, overrides) if config is None else config
-    if args.max_steps is not None:  # the stage's optim.max_steps, recorded with the config
-        config = _replace_node(config, optim(config), dataclasses.replace(optim(config), max_steps=args.max_steps))
+    if args.max_steps is not None:  # every stage's optim.max_steps (train_all passes it to all), recorded
+        config = _with_max_steps(config, args.max_steps)
     oc = optim(config)
     fsdp = bool(getattr(args, "fsdp", False))
     if fsdp and not shardable:
@@ -145,17 +145,14 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
 
 
-def _replace_node(config: Any, old: Any, new: Any) -> Any:
-    """`config` (nested frozen dataclasses) with the node `old` (found by identity) replaced by `new`."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value is old:
-            return dataclasses.replace(config, **{f.name: new})
-        if dataclasses.is_dataclass(value):
-            replaced = _replace_node(value, old, new)
-            if replaced is not value:
-                return dataclasses.replace(config, **{f.name: replaced})
-    return config
+def _with_max_steps(config: Any, max_steps: int) -> Any:
+    """`config` (nested frozen dataclasses) with `max_steps` in every OptimConfig it holds (absent sections, such
+    as `prior: null`, stay absent)."""
+    if isinstance(config, OptimConfig):
+        return dataclasses.replace(config, max_steps=max_steps)
+    changes = {f.name: _with_max_steps(getattr(config, f.name), max_steps) for f in dataclasses.fields(config)
+               if dataclasses.is_dataclass(getattr(config, f.name))}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 # --- data and randomness indexed by step -------------------------------------------------------------------
