@@ -10,6 +10,7 @@ import csv  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import pickle  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -128,6 +129,8 @@ def test_unreadable_images_met_by_dataloader_workers_are_counted(folders):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=lambda batch: batch)
     assert sum(len(batch) for batch in loader) == len(dataset)
     assert dataset.skipped == 1
+    copied = pickle.loads(pickle.dumps(dataset))  # a plain pickle (or deepcopy) keeps a snapshot of the flags
+    assert copied.skipped == 1 and len(copied) == len(dataset)
 
 
 def test_relative_paths_resolve_next_to_the_data_file(tmp_path, monkeypatch):
@@ -147,6 +150,22 @@ def test_relative_paths_resolve_next_to_the_data_file(tmp_path, monkeypatch):
                                    image_size=SIZE, cache_dir=str(tmp_path / "cache"))
         assert torch.allclose(dataset[0]["pixel_values"][0], red, atol=0.02), source
         assert dataset.skipped == 0
+
+
+def test_data_files_in_several_folders_read_their_own_images(tmp_path):
+    """part1/ and part2/ each list images/0.png: each row opens its own file's image. A metadata.csv deep below a
+    folder of data files (a script's) does not turn it into an imagefolder."""
+    for part, colour, text in (("part1", RED, "red"), ("part2", BLUE, "blue")):
+        (tmp_path / "ds" / part / "images").mkdir(parents=True)
+        Image.new("RGB", (SIZE, SIZE), colour).save(tmp_path / "ds" / part / "images" / "0.png")
+        (tmp_path / "ds" / part / "data.jsonl").write_text(json.dumps({"image": "images/0.png", "text": text}) + "\n")
+    (tmp_path / "ds" / "tools" / "scripts").mkdir(parents=True)
+    (tmp_path / "ds" / "tools" / "scripts" / "metadata.csv").write_text("a,b\n1,2\n")
+    dataset = ImageTextDataset(dataset_name=str(tmp_path / "ds"), image_size=SIZE, cache_dir=str(tmp_path / "cache"))
+    items = by_caption(dataset)
+    assert torch.allclose(items["red"][0], torch.full((SIZE, SIZE), RED[0] / 127.5 - 1), atol=0.02)
+    assert torch.allclose(items["blue"][2], torch.full((SIZE, SIZE), BLUE[2] / 127.5 - 1), atol=0.02)
+    assert dataset.skipped == 0
 
 
 def test_imagefolder_with_a_stray_data_file_is_still_an_imagefolder(tmp_path):

@@ -15,8 +15,10 @@ truncated or missing file is caught: it is logged once, counted in ``dataset.ski
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
+import multiprocessing.context
 import multiprocessing.sharedctypes
 import re
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from PIL import Image, ImageOps
 logger = logging.getLogger("latent_diffusion.data")
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+SOURCE_DIR = "__source_dir"  # per row: the folder of the data file that listed it (data files in several folders)
 # File extension -> `datasets` packaged builder.
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -133,6 +136,30 @@ def _has_metadata(folder: Path) -> bool:
     return any(next(folder.rglob(name), None) is not None for name in (*METADATA_FILES, "metadata.parquet"))
 
 
+def _metadata_on_top(folder: Path) -> bool:
+    """A metadata file in `folder` or one of its direct subfolders (split folders: train/, test/), where an
+    imagefolder keeps it; one deeper down (a script's, a tool's) does not make the folder an imagefolder."""
+    folders = [folder, *(child for child in folder.iterdir() if child.is_dir())]
+    return any((f / name).is_file() for f in folders for name in (*METADATA_FILES, "metadata.parquet"))
+
+
+def _load_data_files(builder: str, files: list[str], cache_dir: str | None) -> Any:
+    """`datasets.load_dataset(builder, data_files=files)`; when the files sit in several folders, each row also
+    gets its file's folder (column SOURCE_DIR), against which its relative image paths resolve."""
+    import datasets
+
+    groups: dict[str, list[str]] = {}
+    for file in files:
+        groups.setdefault(str(Path(file).parent.resolve()), []).append(file)
+    if len(groups) == 1:
+        return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+    parts: dict[str, list[Any]] = {}
+    for folder, group in groups.items():
+        for split, rows in datasets.load_dataset(builder, data_files=group, cache_dir=cache_dir).items():
+            parts.setdefault(split, []).append(rows.add_column(SOURCE_DIR, [folder] * len(rows)))
+    return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()})
+
+
 def _local_builder(path: Path) -> tuple[str, Any]:
     """(builder, data_files or path) for a local file or folder given as `dataset_name`."""
     if path.is_file():
@@ -142,7 +169,7 @@ def _local_builder(path: Path) -> tuple[str, Any]:
         return builder, str(path)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return "save_to_disk", str(path)
-    if _has_metadata(path):  # an imagefolder, even beside stray data files (EXIF or editor sidecars)
+    if _metadata_on_top(path):  # an imagefolder, even beside stray data files (EXIF or editor sidecars)
         return "imagefolder", str(path)
     files = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in BUILDERS and not p.name.startswith("metadata.")]
     builders = {BUILDERS[p.suffix.lower()] for p in files}
@@ -193,10 +220,12 @@ def load_source(
         path = Path(dataset_name).expanduser()
         if path.exists():
             builder, files = _local_builder(path)
-            # relative image paths are relative to the data file that lists them: each data file's folder, then
-            # the folder given
-            listed = [Path(f).parent for f in ([files] if isinstance(files, str) else files) if Path(f).is_file()]
-            bases = tuple(dict.fromkeys([*listed, path if path.is_dir() else path.parent]))
+            # relative image paths are relative to the data file that lists them (its folder: the files' one, or
+            # per row, SOURCE_DIR), then to the folder given
+            file_list = [files] if isinstance(files, str) else files
+            folders = {Path(f).parent for f in file_list if Path(f).is_file()}
+            given = path if path.is_dir() else path.parent
+            bases = tuple(dict.fromkeys([*(folders if len(folders) == 1 else ()), given]))
             if builder == "imagefolder":
                 return _load_imagefolder(path, cache_dir), (path,), path
             if builder == "save_to_disk":
@@ -204,7 +233,7 @@ def load_source(
                 if isinstance(loaded, datasets.Dataset):
                     loaded = datasets.DatasetDict({"train": loaded})
                 return loaded, bases, None
-            return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir), bases, None
+            return _load_data_files(builder, file_list, cache_dir), bases, None
         if dataset_name.startswith((".", "/", "~")) or path.suffix.lower() in BUILDERS:
             raise FileNotFoundError(f"dataset file {dataset_name!r} does not exist")
         try:
@@ -272,7 +301,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 )
             raise ValueError(f"caption column {caption_column!r} not found; columns: {columns}")
         try:
-            data = data.select_columns([image_column, caption_column])
+            data = data.select_columns([image_column, caption_column, *[SOURCE_DIR] * (SOURCE_DIR in columns)])
             data = data.cast_column(image_column, ImageFeature(decode=False))
         except (TypeError, ValueError) as error:
             feature = data.features[image_column]
@@ -284,6 +313,19 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.seed, self.epoch = seed, 0
         # One flag per item in shared memory, so DataLoader workers' finds reach the main process's `skipped`
         self._bad = multiprocessing.sharedctypes.RawArray("b", len(data))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:  # pickle / deepcopy, not a DataLoader worker's
+            state["_bad"] = bytes(self._bad)  # start: a snapshot of the flags (shared memory cannot be pickled)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_bad"], bytes):
+            flags = multiprocessing.sharedctypes.RawArray("b", len(state["_bad"]))
+            ctypes.memmove(flags, state["_bad"], len(state["_bad"]))
+            state["_bad"] = flags
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -315,7 +357,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 continue
             row = self._data[i]
             try:
-                image = to_rgb(open_image(row[self.image_column], self._base_dirs))
+                bases = (Path(row[SOURCE_DIR]), *self._base_dirs) if SOURCE_DIR in row else self._base_dirs
+                image = to_rgb(open_image(row[self.image_column], bases))
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
                 self._bad[i] = 1
                 cell = row[self.image_column]
