@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,22 +121,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a crash never leaves half a
-    file. The file gets the permissions a plain `open` would give (mkstemp's are owner-only)."""
+    file. The temporary file is created with mode 0o666, so the umask gives it the permissions a plain `open`
+    would (tempfile.mkstemp's are owner-only), and keeps them whatever `write` does to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that recreated the file (safetensors does)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -400,21 +400,24 @@ def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys)
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
-    """Preemption (SIGTERM) or Ctrl-C (SIGINT) mid-run: the stage writes a checkpoint at the next step boundary and
-    exits with 128 + the signal's number; `--resume latest` continues from that step."""
+    """Preemption (SIGTERM) or Ctrl-C (SIGINT) sent to the whole process group, DataLoader workers included, as a
+    scheduler or a terminal does: the stage writes a checkpoint at the next step boundary and exits with 128 + the
+    signal's number; `--resume latest` continues from that step."""
     import signal
     import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.train_vae", "--config", MICRO, "--output-dir", str(out), "--max-steps",
-           "100000", "--vae.optim.log_every", "1", "--vae.optim.checkpoint_every", "0"]  # no periodic checkpoints
-    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "100000", "--vae.optim.log_every", "1", "--vae.optim.checkpoint_every", "0",  # no periodic checkpoints
+           "--vae.optim.num_workers", "2"]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # its own process group, as under a scheduler
     log = out / "_work" / "vae" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (log.is_file() and log.read_text().count('"step"') >= 3) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[0][-3000:]
         time.sleep(0.2)
-    process.send_signal(getattr(signal, sig))
+    os.killpg(process.pid, getattr(signal, sig))
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + getattr(signal, sig), output[-3000:]
     assert f"interrupted ({sig})" in output
@@ -442,8 +445,11 @@ def test_command_line_errors_are_one_line_and_a_changed_model_is_named_at_resume
     common = ["--config", MICRO, "--output-dir", str(tmp_path / "run")]
     train_vae.main([*common, "--max-steps", "2"])
     AcceleratorState._reset_state(reset_partial_state=False)
-    with pytest.raises(ValueError, match=r"checkpoint-2: the checkpoint does not fit this model \(\d+ problem"):
+    with pytest.raises(ValueError, match=r"checkpoint-2: the checkpoint does not fit this model \([1-9]\d* shape"):
         train_vae.main([*common, "--max-steps", "3", "--resume", "latest", "--vae.channels", "[8, 24]"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    with pytest.raises(ValueError, match=r"does not fit this model \(0 shape mismatch\(es\), [1-9]\d* missing and 0"):
+        train_vae.main([*common, "--max-steps", "3", "--resume", "latest", "--vae.layers_per_block", "2"])
     AcceleratorState._reset_state(reset_partial_state=False)
 
 

@@ -102,14 +102,13 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
     else:
         try:
             acc.load_state(str(checkpoint))
-        except RuntimeError as error:  # load_state_dict's one line per mismatched tensor
-            if "size mismatch" not in str(error) and "Missing key" not in str(error):
+        except RuntimeError as error:  # load_state_dict's: one line per mismatched tensor, every key name listed
+            if "Error(s) in loading state_dict" not in str(error):
                 raise
-            details = [line.strip() for line in str(error).splitlines() if line.strip().startswith(("size", "Miss"))]
-            raise ValueError(f"--resume {checkpoint}: the checkpoint does not fit this model ({len(details)} "
-                             f"problem(s), first: {details[0] if details else error}); it was written with other "
-                             f"model settings (the earlier run's are in {stage.output_dir / 'config.yaml'}): resume "
-                             "with those, or start a new --output-dir") from None
+            raise ValueError(f"--resume {checkpoint}: the checkpoint does not fit this model ({_mismatch(error)}); "
+                             f"it was written with other model settings (the earlier run's are in "
+                             f"{stage.output_dir / 'config.yaml'}): resume with those, or start a new --output-dir") \
+                from None
     if ema is not None and ema_state is not None:
         ema.load_state_dict({"step": state["ema_step"], "shadow": ema_state})
     elif ema is not None:
@@ -133,6 +132,19 @@ def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
                 os.replace(old, target)
                 stage.print(f"{stage.name}: {old.name} is from a run past step {step}; moved to {target.name}")
     acc.wait_for_everyone()
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """A one-line summary of a load_state_dict error: counts of mismatched shapes, missing and unexpected keys,
+    and the first problem."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    shapes = [line for line in lines if line.startswith("size mismatch")]
+    keys = {kind: sum(line.count('"') // 2 for line in lines if line.startswith(kind))
+            for kind in ("Missing", "Unexpected")}
+    counts = [f"{len(shapes)} shape mismatch(es)", f"{keys['Missing']} missing and {keys['Unexpected']} unexpected "
+              "key(s)"]
+    first = lines[0] if lines else str(error)
+    return f"{', '.join(counts)}; first: {first[:200]}"
 
 
 def resolve_resume(stage: Stage) -> Path | None:

@@ -57,6 +57,7 @@ class Stage:
     max_steps: int
     resume: str | None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
+    pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
 
     @property
     def is_main(self) -> bool:
@@ -104,9 +105,14 @@ class Stage:
             save_config(self.config, self.output_dir / "config.yaml")
 
     def mark_done(self) -> None:
+        """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
+        stop the process as the signal asked, before any later stage starts."""
         if self.is_main:
             (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                                                 f"max_steps {self.max_steps}\n")
+        if self.pending_signal is not None:
+            self.print(f"{self.name}: finished; stopping for the {self.pending_signal} received near the end")
+            raise SystemExit(128 + getattr(signal, self.pending_signal))
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
@@ -319,7 +325,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
                                stage.max_steps)
     loader = DataLoader(EpochKeyed(dataset), batch_sampler=sampler, num_workers=oc.num_workers, collate_fn=collate,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=_ignore_stop_signals)
     batches = iter(loader)
     metrics_path = stage.work_dir / "metrics.jsonl"
     bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not acc.is_main_process,
@@ -335,13 +341,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             logs: dict[str, float] = {}
             total = torch.zeros((), device=acc.device)
             for micro in range(oc.grad_accum):
-                try:
-                    batch = next(batches)
-                except RuntimeError:  # DataLoader workers die on the terminal's Ctrl-C before the loop sees it
-                    if not interrupt.signal_name or acc.num_processes > 1:  # (ranks cannot agree on a step here)
-                        raise
-                    _stop_interrupted(stage, interrupt, step, start, bad_step, last_good, bar, ema, wrapped,
-                                      optimizer, scheduler, oc.checkpoint_limit)
+                batch = next(batches)
                 rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
                 last = micro == oc.grad_accum - 1
                 if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
@@ -400,6 +400,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
             if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
                 _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
+    stage.pending_signal = interrupt.signal_name  # (met past the last check: the stage finishes, then stops)
     bar.close()
     if board is not None:
         board.close()
@@ -456,6 +457,13 @@ class Interrupt:
         self.signal_name = signal.Signals(signum).name
         print(f"\n{self.name}: {self.signal_name}: stopping with a checkpoint after this step (again to stop now)",
               flush=True)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM, which a terminal's Ctrl-C or a scheduler sends to the whole
+    process group: the main process checkpoints and then shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def stop_flags(acc: Accelerator, deadline: float | None, interrupt: Interrupt, step: int,
