@@ -133,6 +133,9 @@ def resolve_device(name: str):  # noqa: ANN201 - torch.device
     if available is not None and not available():
         raise ValueError(f"--device {name!r}: no {device.type} device is available to this torch "
                          f"({torch.__version__}); use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
