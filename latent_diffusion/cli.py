@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the pipeline's, dpmpp_2m for our own pipelines)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--out", default="outputs",
-                   help="a folder (one PNG per image), or an image file path (.png, .jpg, .webp, ...: one grid)")
+                   help="a folder (one PNG per image), or an image file path (.png, .jpg, .webp, .bmp, .tif, .gif: "
+                        "one grid)")
     g.add_argument("--pipeline", default=str(default_pipeline()), help="pipeline folder (the shipped one by default)")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:N, mps")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
@@ -140,11 +141,8 @@ def resolve_device(name: str):  # noqa: ANN201 - torch.device
 
 
 def _image_extensions() -> set[str]:
-    """File extensions Pillow can write (".png", ".jpg", ...)."""
-    from PIL import Image
-
-    Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    """File extensions `--out` writes as one grid image (formats Pillow writes from RGB)."""
+    return {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image

@@ -135,16 +135,16 @@ def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
 
 
 def _mismatch(error: RuntimeError) -> str:
-    """A one-line summary of a load_state_dict error: counts of mismatched shapes, missing and unexpected keys,
-    and the first problem."""
+    """A one-line summary of a load_state_dict error: the count of mismatched shapes (torch then lists nothing
+    else), else of missing and unexpected keys; and the first problem."""
     lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
     shapes = [line for line in lines if line.startswith("size mismatch")]
     keys = {kind: sum(line.count('"') // 2 for line in lines if line.startswith(kind))
             for kind in ("Missing", "Unexpected")}
-    counts = [f"{len(shapes)} shape mismatch(es)", f"{keys['Missing']} missing and {keys['Unexpected']} unexpected "
-              "key(s)"]
+    counts = f"{len(shapes)} shape mismatch(es)" if shapes else \
+        f"{keys['Missing']} missing and {keys['Unexpected']} unexpected key(s)"
     first = lines[0] if lines else str(error)
-    return f"{', '.join(counts)}; first: {first[:200]}"
+    return f"{counts}; first: {first[:200]}"
 
 
 def resolve_resume(stage: Stage) -> Path | None:

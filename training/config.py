@@ -276,7 +276,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
             if i == len(path) - 1:
                 default = getattr(node_cls(), key) if _has_defaults(node_cls) else None
                 value = _coerce(text, default, hint)
-                if not isinstance(value, (list, dict)):  # (config_from_dict builds tuples and sections later)
+                if isinstance(value, dict) and sub is not None and isinstance(node.get(key), dict):
+                    value = _merged(node[key], value)  # a section's keys on top of the recipe's, not instead
+                elif not isinstance(value, (list, dict)):  # (config_from_dict builds tuples and sections later)
                     value = _coerce_field(value, hint, flag)
                 node[key] = value
             else:
@@ -286,6 +288,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
                     node[key] = {}
                 node, node_cls = node[key], sub
     return data
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update`'s keys set on it, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _has_defaults(cls: type) -> bool:

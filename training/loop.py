@@ -106,13 +106,20 @@ class Stage:
 
     def mark_done(self) -> None:
         """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
-        stop the process as the signal asked, before any later stage starts."""
+        stop every process as the signal asked, before any later stage starts. Processes agree on that once the
+        marker is written (a rank that left early would make the launcher kill the others mid-save)."""
+        acc = self.accelerator
         if self.is_main:
             (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                                                 f"max_steps {self.max_steps}\n")
-        if self.pending_signal is not None:
-            self.print(f"{self.name}: finished; stopping for the {self.pending_signal} received near the end")
-            raise SystemExit(128 + getattr(signal, self.pending_signal))
+        pending = self.pending_signal
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()
+            if acc.reduce(torch.tensor(float(pending is not None), device=acc.device), reduction="sum") > 0:
+                pending = pending or "SIGTERM"
+        if pending is not None:
+            self.print(f"{self.name}: finished; stopping for the {pending} received near the end")
+            raise SystemExit(128 + getattr(signal, pending))
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],

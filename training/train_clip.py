@@ -37,13 +37,15 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         dist = torch.distributed
         out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        # all_gather_single where torch has it (all_gather_into_tensor, its older name, warns there)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x.contiguous())
         ctx.rows = x.shape[0]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # autograd may hand the same tensor to several nodes: reduce a copy
         torch.distributed.all_reduce(grad)
         start = torch.distributed.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
