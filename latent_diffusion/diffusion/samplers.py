@@ -91,13 +91,16 @@ def _rescale(guided: torch.Tensor, cond: torch.Tensor, rescale: float, x: torch.
     dims, then mapped back to x0. v is affine in x0, so the guidance itself is the same in either space."""
     if rescale <= 0:
         return guided
-    s = _append_dims(sigma, x).to(x.dtype).clamp_min(1e-6)
+    guided_dtype = guided.dtype
+    dtype = torch.promote_types(x.dtype, torch.float32)  # 1 + σ² overflows float16 from σ ≈ 256
+    s = _append_dims(sigma, x).to(dtype).clamp_min(1e-6)
     root = (1 + s**2).sqrt()
+    x, guided, cond = x.to(dtype), guided.to(dtype), cond.to(dtype)
     v_guided, v_cond = ((x - (1 + s**2) * x0) / (s * root) for x0 in (guided, cond))
     dims = tuple(range(1, x.ndim))
     rescaled = v_guided * v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True)
     v = rescale * rescaled + (1 - rescale) * v_guided
-    return (x - v * s * root) / (1 + s**2)
+    return ((x - v * s * root) / (1 + s**2)).to(guided_dtype)
 
 
 def cfg(cond_fn: DenoiserFn, uncond_fn: DenoiserFn, scale: float, rescale: float = 0.0) -> DenoiserFn:
