@@ -278,6 +278,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# The pipeline's argument names and the command-line flags that set them, for error messages.
+_FLAGS = {"num_inference_steps": "--steps", "prior_num_inference_steps": "--prior-steps",
+          "guidance_scale": "--guidance", "prior_guidance_scale": "--prior-guidance",
+          "image_guidance_scale": "--image-guidance", "height": "--height", "width": "--width",
+          "num_images_per_prompt": "--num-images"}
+
+
+def _as_flags(message: str) -> str:
+    """An error message from the library with its argument names replaced by the flags that set them."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_hub()
     args = build_parser().parse_args(argv)
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_flags(str(e))}", file=sys.stderr)
         return 2
     return 1
 

@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_and_nonzero(tiny_pipeline_dir, tmp_path):
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
-        assert "num_inference_steps" not in result.stderr  # errors name the flags as typed
+        assert "num_inference_steps" not in result.stderr and "guidance_scale" not in result.stderr  # flags, as typed
     result = subprocess.run([CLI, "generate", "x", "--sampler", "plms"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "invalid choice: 'plms'" in result.stderr
 
