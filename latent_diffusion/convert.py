@@ -17,8 +17,12 @@ embedding) and `StableUnCLIPImg2ImgPipeline` (image variations: a CLIP image enc
 | image_noising_scheduler                  | `PipelineConfig.image_noising_schedule`                       |
 
 Schedulers become a `ScheduleConfig` (the training schedule) and a `SamplingConfig` (our sampler and its
-timesteps). DDIM, DDPM (fixed_small variances) and Euler-ancestral map onto the same-named samplers and give the
-same samples; DPMSolverMultistep (dpmsolver++, order 2) maps onto "dpmpp_2m". UnCLIPScheduler (Karlo) becomes
+timesteps). DDIM, DDPM (fixed_small variances) and Euler-ancestral map onto the same-named samplers and walk the
+same chain from the same start, with two known departures from diffusers: DDIM with linspace/trailing spacing
+when T is not a multiple of the step count (diffusers steps to t − T//n rather than to the next listed timestep,
+a known inconsistency of its DDIM), and Euler-ancestral's start noise, which is scaled here by sqrt(1 + σ_max²),
+the VP prior's, where diffusers uses σ_max (0.2% apart for SD's σ_max ≈ 14.6).
+DPMSolverMultistep (dpmsolver++, order 2, midpoint) maps onto "dpmpp_2m". UnCLIPScheduler (Karlo) becomes
 "ddpm" on its linspace timesteps — the chain Karlo's own pipeline walks. Other schedulers (PNDM/PLMS, Euler,
 LMS, Heun, UniPC, ...) are not implemented: they are replaced by "dpmpp_2m", a deterministic multistep solver of
 the same order of quality, with a warning that names the replacement.
