@@ -433,6 +433,23 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
     assert (out / "vae" / "model.safetensors").is_file()
 
 
+def test_a_signal_after_the_last_check_finishes_the_stage_then_stops(tmp_path):
+    """A signal met in the last steps (past the loop's last check) lets the stage write its DONE marker, then
+    stops the process with 128 + the signal, so train_all starts no further stage."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from training.loop import Stage
+
+    stage = Stage("vae", load_config(MICRO), Accelerator(cpu=True), tmp_path, tmp_path / "_work" / "vae", 4, None)
+    stage.work_dir.mkdir(parents=True)
+    stage.pending_signal = "SIGTERM"
+    with pytest.raises(SystemExit) as stop:
+        stage.mark_done()
+    assert stop.value.code == 143 and (stage.work_dir / "DONE").is_file()
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def test_command_line_errors_are_one_line_and_a_changed_model_is_named_at_resume(tmp_path):
     from accelerate.state import AcceleratorState
 
