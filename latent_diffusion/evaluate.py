@@ -199,7 +199,8 @@ def evaluate(pipe: Any, items: list[SuiteItem], seeds: int = 4, settings=DEFAULT
         return {**score_images(images, expanded), "fd_clip": frechet_distance(embeds, real_embeds),
                 "clip_score": 100 * cos, "seconds": seconds}
 
-    results: dict[str, Any] = {"num_prompts": len(items), "seeds": seeds, "guidance_scale": guidance_scale,
+    results: dict[str, Any] = {"num_prompts": len(items), "seeds": seeds, "embed_dim": real_embeds.shape[1],
+                               "guidance_scale": guidance_scale,
                                "image_guidance_scale": pipe.image_guidance(image_guidance_scale, guidance_scale),
                                "prior_guidance_scale": prior_guidance_scale, "samplers": {}, "ablations": {}}
     real_text_cos = torch.nn.functional.cosine_similarity(real_embeds, text_embeds.to(real_embeds)).mean().item()
@@ -281,6 +282,15 @@ def _suite_grid(images: list[Image.Image], items: list[SuiteItem], seeds: int, p
     return grid
 
 
+def _fd_note(results: dict[str, Any]) -> list[str]:
+    """A caution under the header when FD-CLIP's covariances come from no more images than dimensions."""
+    n, d = results["num_prompts"] * results["seeds"], results.get("embed_dim")
+    if d is None or n > d:
+        return []
+    return [f"FD-CLIP here compares {n} images in {d} dimensions: the covariances are rank-deficient, so compare it "
+            "only between runs with the same number of images."]
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     """The report as markdown tables: samplers, then ablations; pass rates per group and attribute."""
     groups = [g for g in GROUPS if any(g in r["groups"] for r in results["samplers"].values())]
@@ -298,7 +308,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = [f"{results['num_prompts']} prompts × {results['seeds']} seeds; decoder guidance "
              f"{results['guidance_scale']} (towards the image embedding "
              f"{results.get('image_guidance_scale', results['guidance_scale'])}), prior guidance "
-             f"{results['prior_guidance_scale']}.", "",
+             f"{results['prior_guidance_scale']}.", *_fd_note(results), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(row("real images (checker on renders)", results["real_images"]))
     if "vae_reconstructions" in results:

@@ -66,7 +66,9 @@ def test_evaluate_command_writes_report(tiny_pipeline_dir, tmp_path):
     run = results["samplers"]["DPM-Solver++(2M) 20"]
     assert 0 <= run["pass_rate"] <= 1 and run["fd_clip"] >= 0
     assert set(results["clip_binding"]) <= set(EDIT_KINDS) and "color" in results["clip_binding"]
-    assert "| setting | pass rate |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| setting | pass rate |" in report
+    assert "FD-CLIP here compares 8 images in 32 dimensions" in report  # 4 prompts × 2 seeds, a 32-wide CLIP
     assert (tmp_path / "grid.png").is_file()
 
 
