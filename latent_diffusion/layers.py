@@ -18,11 +18,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               backend: AttentionBackend = "sdpa", upcast: bool = False) -> torch.Tensor:
     """Scaled dot-product attention softmax(q kᵀ / √d + mask) v (Vaswani et al. 2017, Eq. 1).
 
-    q: (B, H, Lq, D); k, v: (B, H, Lk, D); mask: additive, broadcastable to (B, H, Lq, Lk), or None.
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); mask: broadcastable to (B, H, Lq, Lk), or None: additive (float), or
+    boolean with True where attention is allowed (SDPA's convention; made additive here for every backend).
     Returns (B, H, Lq, D). `upcast` computes the scores in fp32 (SD 2.x `upcast_attention`).
     Backends: `sdpa` (torch's fused kernels, the default), `xformers` (CUDA only) and `math`
     (the plain reference).
     """
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
     if backend == "sdpa":
         if upcast and q.dtype in (torch.float16, torch.bfloat16):
             return attention(q, k, v, mask, "math", upcast=True)

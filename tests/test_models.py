@@ -158,6 +158,13 @@ def test_unet_from_diffusers_refuses_unsupported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
         UNet.from_diffusers(tmp_path)
+    raw.update(down_block_types=ref.config.down_block_types, num_class_embeds=10)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="num_class_embeds=10"):  # named, not an unexpected-key error
+        UNet.from_diffusers(tmp_path)
+    plain = tmp_path / "plain"
+    diffusers.UNet2DConditionModel(**cfg, mid_block_only_cross_attention=False).save_pretrained(plain)
+    UNet.from_diffusers(plain)  # diffusers' "off", like None
 
 
 def test_unet_unclip_conditioning_changes_output_and_zero_is_null():
@@ -259,6 +266,9 @@ def test_attention_backends_agree_in_outputs_and_gradients():
         outs[backend] = (out, *grads)
     for a, b in zip(outs["sdpa"], outs["math"]):
         assert (a - b).abs().max().item() < 1e-5
+    allowed = mask == 0  # the same mask as booleans, True = attend (SDPA's convention), means it on every backend
+    for backend in ("sdpa", "math"):
+        assert (attention(q, k, v, allowed, backend=backend) - outs["sdpa"][0]).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="choose one of"):
         attention(q, k, v, backend="flash")
     with pytest.raises(ValueError, match="xformers"):
@@ -331,6 +341,8 @@ def test_prior_text_padding_is_masked_and_causal():
         changed = states.clone()
         changed[:, 2] += 3.0  # a real token: must matter
         assert not torch.allclose(a, prior(x, 7, changed, pooled, mask), atol=1e-4)
+        # the padding dropped altogether (padding="longest"): the same prompt, the same prediction
+        torch.testing.assert_close(prior(x, 7, states[:, :5], pooled, mask[:, :5]), a, atol=1e-5, rtol=1e-5)
     emb = torch.randn(3, 32)
     prior.set_embedding_stats(torch.randn(32), torch.rand(32) + 0.5)
     assert torch.allclose(prior.denormalize(prior.normalize(emb)), emb, atol=1e-5)

@@ -68,7 +68,8 @@ class DiagonalGaussian:
     [-30, 20] as in the reference implementation."""
 
     def __init__(self, params: torch.Tensor):
-        self.mean, logvar = params.chunk(2, dim=1)
+        mean, logvar = params.chunk(2, dim=1)
+        self.mean = mean.contiguous()  # ordinary (B, C, h, w) tensors, whatever params' layout (channels_last)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 

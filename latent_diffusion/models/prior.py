@@ -128,7 +128,10 @@ class DiffusionPrior(nn.Module):
             self.query.expand(B, -1, -1),
         ], dim=1)  # (B, L + 4, W)
         T = L + 4
-        tokens = tokens + self.positional_embedding[:, :T]
+        # text at positions 0..L-1, the four other tokens always at the last four positions (where training, with
+        # text padded to max_text_tokens, put them), so a shorter (unpadded) text means the same
+        pos = self.positional_embedding
+        tokens = tokens + (pos if L == c.max_text_tokens else torch.cat([pos[:, :L], pos[:, -4:]], dim=1))
         # Additive mask (B, 1, T, T): causal, plus padded text tokens hidden from every query.
         mask = torch.full((T, T), MASK_VALUE, device=x.device, dtype=tokens.dtype).triu(1)[None, None]
         if text_mask is not None:

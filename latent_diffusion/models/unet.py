@@ -407,11 +407,11 @@ def unet_config_from_diffusers(raw: dict, source: str = "config.json") -> UNetCo
                 "mid_block_scale_factor": 1, "act_fn": "silu", "time_embedding_dim": None,
                 "timestep_post_act": None, "time_embedding_act_fn": None, "attention_type": "default",
                 "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
-                "mid_block_only_cross_attention": None}
+                "mid_block_only_cross_attention": None, "num_class_embeds": None}
     for key, default in defaults.items():
         value = raw.get(key, default)
-        if isinstance(value, list) and not any(value) and not default:
-            continue  # e.g. only_cross_attention: [false, false, ...]
+        if not default and (value is False or (isinstance(value, list) and not any(value))):
+            continue  # e.g. only_cross_attention: [false, false, ...]; mid_block_only_cross_attention: false
         if value != default:
             raise ValueError(f"{source}: unsupported {key}={value!r} (only {default!r} is supported)")
     class_embed = raw.get("class_embed_type")
