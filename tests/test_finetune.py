@@ -423,3 +423,21 @@ def test_an_option_spelt_with_underscores_is_named(tiny_pipeline_dir, imagefolde
         run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder),
                        "--learning_rate", "1e-4", "--output-dir", str(tmp_path))
 
+
+
+def test_two_process_full_finetune_of_a_text_encoder_some_steps_do_not_reach(tiny_pipeline, imagefolder, tmp_path):
+    """A decoder that reads no pooled text leaves the text encoder's projection without a gradient: DDP must be
+    told to look for unused parameters, or the second step stops with a reduction error."""
+    from latent_diffusion.models import UNet
+
+    pipe = tiny_pipeline
+    pipe.decoder = UNet(replace(pipe.decoder.config, pooled_text_dim=None))
+    pipe.save_pretrained(tmp_path / "pipe")
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29641", "-m", "training.finetune", "--pipeline",
+           str(tmp_path / "pipe"), "--train-data-dir", str(imagefolder), "--method", "full", "--components",
+           "decoder,text_encoder", "--max-steps", "2", "--output-dir", str(tmp_path / "out"), *FAST]
+    result = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "out" / "text_encoder" / "model.safetensors").is_file()

@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
-    stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg)
+    # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
+    # decoder's token states read it)
+    stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
+                        find_unused_parameters=cfg.method == "full" and "text_encoder" in cfg.components)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--components {','.join(names)}: the pipeline {cfg.pipeline} has no {missing}")
     train_decoder, train_prior = "decoder" in names, "prior" in names
     train_text, train_vae = "text_encoder" in names, "vae_decoder" in names
+    if train_text and not train_decoder and pipe.prior_text_encoder is not None:
+        raise ValueError(f"--components {','.join(names)}: the prior of {cfg.pipeline} reads its own text encoder "
+                         "(prior_text_encoder), so nothing trained would read text_encoder; add decoder")
     use_image = (train_decoder and pipe.decoder.config.uses_image_embeds) or train_prior
     if use_image and pipe.image_encoder is None:
         raise ValueError(f"{cfg.pipeline} has no image_encoder: fine-tuning an image-conditioned decoder or a "

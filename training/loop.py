@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -123,10 +123,12 @@ class Stage:
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
-                cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True) -> Stage:
+                cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True,
+                find_unused_parameters: bool = False) -> Stage:
     """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision
     and create the folders (main process only). The config is recorded once the stage trains (`fit`,
-    `Stage.record_config`)."""
+    `Stage.record_config`). `find_unused_parameters`: the trained parameters include some a step may not reach
+    (DDP must then look for them, or it stops at the second step)."""
     config = load_config(args.config, overrides) if config is None else config
     if args.max_steps is not None:  # every stage's optim.max_steps (train_all passes it to all), recorded
         config = _with_max_steps(config, args.max_steps)
@@ -138,7 +140,9 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
     # oc.mixed_precision None leaves the choice to the launcher (ACCELERATE_MIXED_PRECISION); a value overrides it.
-    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
+                              kwargs_handlers=handlers)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
                          "a data-parallel config (configs/accelerate/multi_gpu.yaml) and pass --fsdp; each stage "
