@@ -433,6 +433,27 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
     assert (out / "vae" / "model.safetensors").is_file()
 
 
+def test_the_pipeline_records_the_schedule_the_prior_was_trained_with(one_process_run, tmp_path):
+    """Stage by stage, the prior's schedule override need not be repeated for the decoder stage: the prior stage
+    writes it beside the prior, and model_index.json records that one."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from training import train_decoder, train_prior
+
+    for part in ("tokenizer", "text_encoder", "image_encoder", "vae", "_work/clip", "_work/vae"):
+        shutil.copytree(one_process_run / part, tmp_path / part)
+    common = ["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "1"]
+    train_prior.main([*common, "--prior.schedule.prediction_type", "epsilon"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    train_decoder.main(common)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["config"]["prior_schedule"]["prediction_type"] == "epsilon"
+    assert load_config(MICRO).prior.schedule.prediction_type != "epsilon"  # (the decoder stage's config says so)
+
+
 def test_a_signal_after_the_last_check_finishes_the_stage_then_stops(tmp_path):
     """A signal met in the last steps (past the loop's last check) lets the stage write its DONE marker, then
     stops the process with 128 + the signal, so train_all starts no further stage."""

@@ -22,6 +22,10 @@ def excluded_pairs(cfg: DataConfig) -> set[tuple[str, str]] | None:
     return parse_pairs(", ".join(cfg.exclude_pairs)) if cfg.exclude_pairs else None
 
 
+# Written by the prior stage beside the prior's weights: the noise schedule it was trained with.
+SCHEDULE_FILE = "schedule.json"
+
+
 def build_dataset(cfg: DataConfig, seed: int, heldout: bool = False) -> Dataset:
     """The training set described by `cfg`. `heldout` gives a disjoint evaluation set for synthetic sources
     (another seed) and the same set for user data."""

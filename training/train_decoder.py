@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,11 +23,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from latent_diffusion import speed
-from latent_diffusion.diffusion import NoiseSchedule
-from latent_diffusion.io import config_to_dict, load_safetensors, save_safetensors
+from latent_diffusion.diffusion import NoiseSchedule, ScheduleConfig
+from latent_diffusion.io import config_from_dict, config_to_dict, load_safetensors, read_json, save_safetensors
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetConfig
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
-from training.common import TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
+from training.common import SCHEDULE_FILE, TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
 from training.config import ExperimentConfig, run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
@@ -80,8 +81,17 @@ def warm_start(unet: UNet, folder: Path) -> None:
     unet.load_state_dict(state, strict=False)
 
 
-def pipeline_config(cfg: ExperimentConfig) -> PipelineConfig:
+def pipeline_config(cfg: ExperimentConfig, out: Path, say: Callable[[str], None] = print) -> PipelineConfig:
+    """The pipeline's settings: the decoder's from this config; the prior's schedule from the file the prior stage
+    wrote beside its weights (the run that trained it), else from this config."""
     prior_schedule = cfg.prior.schedule if cfg.prior else PipelineConfig().prior_schedule
+    trained = out / "prior" / SCHEDULE_FILE
+    if cfg.prior is not None and trained.is_file():
+        recorded = config_from_dict(ScheduleConfig, read_json(trained), source=str(trained))
+        if recorded != prior_schedule:
+            say(f"decoder: the prior was trained with another schedule than this config's prior.schedule; the "
+                f"pipeline records the one it was trained with ({trained})")
+        prior_schedule = recorded
     return PipelineConfig(decoder_schedule=cfg.decoder.schedule, prior_schedule=prior_schedule,
                           sample_size=cfg.data.image_size, decoder_token_embeddings=cfg.decoder.token_embeddings)
 
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     if stage.skip_if_done("decoder"):
         return
     dc, out = cfg.decoder, stage.output_dir
-    pipe_cfg = pipeline_config(cfg)
+    pipe_cfg = pipeline_config(cfg, out, stage.print)
     # The frozen encoders run in every step (unless `cache`): the stage's oneDNN switch speeds them up too.
     tokenizer, text_encoder, image_encoder = load_clip(out, acc.device, onednn=dc.optim.onednn_linear)
     vae = AutoencoderKL.from_pretrained(out / "vae", device=acc.device).requires_grad_(False)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from latent_diffusion.diffusion import Denoiser, NoiseSchedule, diffusion_loss, get_sampler, initial_noise_scale
+from latent_diffusion.io import config_to_dict, save_json
 from latent_diffusion.models import DiffusionPrior, DiffusionPriorConfig
 from latent_diffusion.pipeline import PipelineConfig
-from training.common import build_dataset, encode_batch, load_clip
+from training.common import SCHEDULE_FILE, build_dataset, encode_batch, load_clip
 from training.config import run_from_command_line, stage_parser
 from training.loop import fit, setup_stage
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     prior = fit(stage, prior, dataset, loss_fn, pc.optim, validate=validate)
     if acc.is_main_process:
         prior.save_pretrained(stage.output_dir / "prior")
+        # the schedule it was trained on, for the decoder stage to record in model_index.json (a later command's
+        # config need not repeat this one's overrides)
+        save_json(stage.output_dir / "prior" / SCHEDULE_FILE, config_to_dict(pc.schedule))
     stage.mark_done()
     acc.wait_for_everyone()
     stage.print(f"prior: wrote {stage.output_dir / 'prior'}")
