@@ -168,6 +168,19 @@ def test_resume_continues_exactly(tiny_pipeline_dir, imagefolder, lora_run, tmp_
     assert resumed[0]["loss"] == pytest.approx(straight[0]["loss"], rel=1e-6)
 
 
+def test_resume_is_exact_with_lora_dropout(tiny_pipeline_dir, imagefolder, tmp_path):
+    """Dropout draws from torch's global generator, which the loop seeds per step: 1 + 1 resumed steps equal 2."""
+    common = ["--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components", "decoder",
+              "--rank", "4", "--lora.dropout", "0.5", *FAST]
+    run_in_process(*common, "--max-steps", "2", "--output-dir", str(tmp_path / "straight"))
+    run_in_process(*common, "--max-steps", "1", "--output-dir", str(tmp_path / "resumed"))
+    run_in_process(*common, "--max-steps", "2", "--output-dir", str(tmp_path / "resumed"), "--resume", "latest")
+    a = load_file(str(tmp_path / "straight" / "decoder" / ADAPTER_WEIGHTS))
+    b = load_file(str(tmp_path / "resumed" / "decoder" / ADAPTER_WEIGHTS))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefolder, tmp_path):
     run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
                    "decoder,text_encoder", "--max-steps", "1", "--mixed-precision", "bf16", "--output-dir",

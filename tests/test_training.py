@@ -80,6 +80,9 @@ def test_two_processes_match_one_process(one_process_run, tmp_path):
            *[x for flag in batch for x in (flag, "4")], processes=2)
     for stage in ("clip", "vae", "prior", "decoder"):
         assert {"world_size": 2, "ranks_in_sync": True} in metrics(out, stage)
+    # the loss's logged parts are averaged over the processes, as the loss is: the same as one process's
+    one, two = ([r for r in metrics(run, "vae") if "l1" in r][-1] for run in (one_process_run, out))
+    assert two["l1"] == pytest.approx(one["l1"], rel=1e-4)
     for component in ("text_encoder", "vae", "prior", "decoder"):
         assert_same_weights(weights(one_process_run, component), weights(out, component), f"2-process {component}")
 

@@ -35,6 +35,9 @@ def build_dataset(cfg: DataConfig, seed: int, heldout: bool = False) -> Dataset:
         exclude = excluded_pairs(cfg)
         n = min(cfg.num_samples, 2048) if heldout else cfg.num_samples
         return ShapesDataset(n, seed=seed + (1_000_003 if heldout else 0), image_size=cfg.image_size, exclude=exclude)
+    if cfg.exclude_pairs:  # a recipe's held-out pairs, kept while training on other data
+        warnings.warn(f"data.exclude_pairs {list(cfg.exclude_pairs)} applies to shapes data only; source "
+                      f"{cfg.source!r} is used whole", stacklevel=2)
     if cfg.source == "emoji":
         from latent_diffusion.data.emoji import EmojiDataset
 

@@ -113,6 +113,9 @@ class VaeStageConfig:
     layers_per_block: int = 1
     norm_groups: int = 16
     mid_attention: bool = True
+    # weight of KL(q(z|x) ‖ N(0, I)) summed over the latent, per image, against the L1 averaged over pixels. LDM sums
+    # its reconstruction term over pixels too, so its kl_weight 1e-6 corresponds to 1e-6 / (3·H·W) here; and the
+    # KL's share grows with the image (crop) area
     kl_weight: float = 1e-6
     l2_weight: float = 0.0
     crop_size: int | None = None  # train on random crops (autoencoders are convolutional)

@@ -354,6 +354,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             for micro in range(oc.grad_accum):
                 batch = next(batches)
                 rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
+                # what draws from torch's global generator (dropout, e.g. LoRA's) is a function of the step too, so
+                # a resumed run repeats it
+                torch.manual_seed(int(np.random.default_rng([stage.config.seed, step, micro, rank, 11]).integers(2**62)
+                                      ))
                 last = micro == oc.grad_accum - 1
                 if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
                     wrapped.set_requires_gradient_sync(last)
@@ -390,7 +394,11 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
             if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
                 _stop_if_not_finite(stage, bad_step, last_good, bar)
-            if acc.is_main_process and (done % oc.log_every == 0 or done == end):
+            logging_now = done % oc.log_every == 0 or done == end
+            if logging_now and world > 1 and logs:  # each process's parts of the loss cover its slice: average them
+                logs = dict(zip(logs, acc.reduce(torch.tensor(list(logs.values()), device=acc.device),
+                                                 reduction="mean").tolist()))
+            if acc.is_main_process and logging_now:
                 record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
                           / (time.perf_counter() - t0), **logs}

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     sc = cfg.clip
     out = stage.output_dir
+    if sc.optim.compile:
+        raise ValueError("clip.optim.compile: regional compilation covers this library's blocks; the CLIP towers are "
+                         "transformers' CLIPModel, so nothing would be compiled: set it false")
     kinds = tuple(sc.hard_negative_kinds) or EDIT_KINDS
     bad = [k for k in kinds if k not in EDIT_KINDS]
     if bad or len(set(kinds)) != len(kinds):
