@@ -288,7 +288,7 @@ def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler
 
 
 # --- the loop -------------------------------------------------------------------------------------------
-LossFn = Callable[[torch.nn.Module, Any, StepRandom, int], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[torch.nn.Module, Any, StepRandom, int], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
 def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn, oc: OptimConfig,
@@ -366,8 +366,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                     loss, extra = loss_fn(wrapped, batch, rnd, step)
                 acc.backward(loss / oc.grad_accum)
                 total += loss.detach() / oc.grad_accum
-                for k, v in extra.items():
-                    logs[k] = logs.get(k, 0.0) + float(v) / oc.grad_accum
+                for k, v in extra.items():  # kept on the device: read only at log steps (no wait every step)
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=acc.device)
+                    logs[k] = logs.get(k, 0.0) + v / oc.grad_accum
             total = acc.reduce(total, reduction="mean")
             # The first step with a non-finite loss, kept on the device: reading it every step would make the host
             # wait for the device each step (no overlap of data loading and kernel launches with compute).
@@ -395,9 +396,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
                 _stop_if_not_finite(stage, bad_step, last_good, bar)
             logging_now = done % oc.log_every == 0 or done == end
-            if logging_now and world > 1 and logs:  # each process's parts of the loss cover its slice: average them
-                logs = dict(zip(logs, acc.reduce(torch.tensor(list(logs.values()), device=acc.device),
-                                                 reduction="mean").tolist()))
+            if logging_now and logs:  # each process's parts of the loss cover its slice: average them
+                values = torch.stack([v.to(acc.device) for v in logs.values()])
+                logs = dict(zip(logs, (acc.reduce(values, reduction="mean") if world > 1 else values).tolist()))
             if acc.is_main_process and logging_now:
                 record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)

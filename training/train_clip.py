@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 negatives, has_negative = gather_with_grad(text_embeds[n:]), gather_with_grad(has_negative) > 0
             scale = acc.unwrap_model(model).logit_scale
             loss = contrastive_loss(text, image, scale, negatives, has_negative, sc.hard_negative_weight)
-            return loss, {"temperature": 1 / scale.exp().item()}
+            return loss, {"temperature": 1 / scale.detach().exp()}
 
         def validate(model, step):
             """Top-1 image→caption retrieval among 256 held-out pairs (chance: 1/256); for shapes data also the

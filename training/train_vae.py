@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         loss = l1 + vc.kl_weight * posterior.kl().mean()
         if vc.l2_weight:
             loss = loss + vc.l2_weight * F.mse_loss(recon, x)
-        logs = {"l1": l1.item()}
+        logs = {"l1": l1.detach()}
         if vc.gan_weight > 0:
             g_loss, d_loss = hinge_generator_loss(out["fake_for_g"]), hinge_discriminator_loss(out["real"], out["fake"])
             on = float(step >= vc.gan_start)  # multiplied rather than skipped: every parameter always gets a gradient
             loss = loss + on * (vc.gan_weight * g_loss + d_loss)
-            logs.update(g_loss=g_loss.item(), d_loss=d_loss.item())
+            logs.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
         return loss, logs
 
     def validate(model, step):
