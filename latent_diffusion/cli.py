@@ -286,10 +286,13 @@ _FLAGS = {"num_inference_steps": "--steps", "prior_num_inference_steps": "--prio
 
 
 def _as_flags(message: str) -> str:
-    """An error message from the library with its argument names replaced by the flags that set them."""
+    """A `generate` error from the pipeline with its argument names replaced by the flags that set them: the
+    underscored names as whole words outside paths, `height`/`width` only as the pipeline writes them (`height=`)."""
     import re
 
-    return re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
+    names = "|".join(k for k in _FLAGS if "_" in k)
+    pattern = rf"(?<![\w/.-])(?:({names})\b|(height|width)(?==))"
+    return re.sub(pattern, lambda m: _FLAGS[m.group(1) or m.group(2)], message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {_as_flags(str(e))}", file=sys.stderr)
+        print(f"error: {_as_flags(str(e)) if args.command == 'generate' else e}", file=sys.stderr)
         return 2
     return 1
 

@@ -25,7 +25,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     (the plain reference).
     """
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        # finite (half precision and autocast keep it finite); a row with nothing allowed gives 0, as SDPA's does
+        empty = ~mask.any(dim=-1, keepdim=True)
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, -1e4)
+        return attention(q, k, v, additive, backend, upcast).masked_fill(empty, 0.0)
     if backend == "sdpa":
         if upcast and q.dtype in (torch.float16, torch.bfloat16):
             return attention(q, k, v, mask, "math", upcast=True)

@@ -110,3 +110,14 @@ def test_device_that_is_not_there_and_a_diffusers_folder_are_named(tiny_pipeline
         {"_class_name": "StableUnCLIPPipeline", "_diffusers_version": "0.42.1", "tokenizer": ["transformers", "x"]}))
     assert main(["generate", "x", "--pipeline", str(diffusers_like)]) == 2
     assert "is a diffusers StableUnCLIPPipeline folder" in capsys.readouterr().err
+
+
+def test_error_messages_name_flags_but_leave_paths_and_words_alone():
+    from latent_diffusion.cli import _as_flags
+
+    assert _as_flags("guidance_scale must be >= 0, got -1.0") == "--guidance must be >= 0, got -1.0"
+    assert _as_flags("height=30 must be a positive multiple") == "--height=30 must be a positive multiple"
+    for untouched in ("missing weight file /runs/width sweep/num_inference_steps/model.safetensors",
+                      "prior width 7 is not divisible by heads=2"):
+        assert _as_flags(untouched) == untouched
+

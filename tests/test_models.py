@@ -269,6 +269,10 @@ def test_attention_backends_agree_in_outputs_and_gradients():
     allowed = mask == 0  # the same mask as booleans, True = attend (SDPA's convention), means it on every backend
     for backend in ("sdpa", "math"):
         assert (attention(q, k, v, allowed, backend=backend) - outs["sdpa"][0]).abs().max().item() < 1e-5
+    allowed[0, 0, 3] = False  # a row with nothing to attend to gives 0, in half precision too
+    for dtype in (torch.float32, torch.float16):
+        out = attention(*(t.detach().to(dtype) for t in (q, k, v)), allowed, backend="math")
+        assert torch.isfinite(out).all() and not out[0, :, 3].any()
     with pytest.raises(ValueError, match="choose one of"):
         attention(q, k, v, backend="flash")
     with pytest.raises(ValueError, match="xformers"):

@@ -6,7 +6,8 @@ on the main process.
 Exactness by construction: the samples of global step s, and the noise drawn for them, depend only on
 (seed, s), never on how many processes run or where a run was resumed. Each process takes its contiguous
 slice of the global batch, and DDP averages the gradients, so a 2-process run equals a 1-process run with
-the same global batch, and a resumed run equals an uninterrupted one.
+the same global batch (without dropout, whose masks are drawn per process), and a resumed run equals an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -288,6 +289,8 @@ def apply_optim_config(stage: Stage, optimizer: torch.optim.Optimizer, scheduler
 
 
 # --- the loop -------------------------------------------------------------------------------------------
+# loss_fn(model, batch, rnd, step) -> (loss, parts to log): the parts are scalars (0-d tensors or floats) under the
+# same keys on every process and at every step (they are averaged over processes at log steps)
 LossFn = Callable[[torch.nn.Module, Any, StepRandom, int], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
