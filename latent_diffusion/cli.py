@@ -140,9 +140,8 @@ def resolve_device(name: str):  # noqa: ANN201 - torch.device
     return device
 
 
-def _image_extensions() -> set[str]:
-    """File extensions `--out` writes as one grid image (formats Pillow writes from RGB)."""
-    return {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# File extensions `--out` writes as one grid image (formats Pillow writes from RGB).
+GRID_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image
@@ -170,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     out_path = Path(args.out)
-    grid = out_path.suffix.lower() in _image_extensions()
+    grid = out_path.suffix.lower() in GRID_EXTENSIONS
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:

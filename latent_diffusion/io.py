@@ -53,7 +53,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "confi
         if isinstance(v, dict) and sub is not None:
             v = config_from_dict(sub, v, source=f"{source}.{k}")
         else:
-            v = _coerce_field(v, hints.get(k), f"{source}: {k}")
+            v = coerce_field(v, hints.get(k), f"{source}: {k}")
         kwargs[k] = v
     return cls(**kwargs)
 
@@ -61,7 +61,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, source: str = "confi
 _YAML_BOOLS = {False: {"no", "n", "off", "false"}, True: {"yes", "y", "on", "true"}}
 
 
-def _coerce_field(value: Any, hint: Any, where: str) -> Any:
+def coerce_field(value: Any, hint: Any, where: str) -> Any:
     """Check a config value against its field's type hint (loosely), converting ints and numeric strings to
     floats where a float is expected. Raises ValueError naming the field, the value and what is allowed."""
     if hint is None or hint is Any:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from latent_diffusion.diffusion import (
     SAMPLERS,
@@ -717,7 +717,7 @@ def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: to
 def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """PIL image(s) or image file path(s) (any mode: transparency on white) or a tensor (B, 3, H, W) / (3, H, W)
     in [0, 1] → (B, 3, H, W) in [0, 1]."""
-    from latent_diffusion.data.image_text import to_rgb
+    from latent_diffusion.data.image_text import open_image, to_rgb
 
     if isinstance(images, torch.Tensor):
         t = images if images.ndim == 4 else images[None]
@@ -726,9 +726,7 @@ def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.T
         opened = []
         for im in images:
             if isinstance(im, (str, Path)):
-                with Image.open(im) as file:
-                    im = ImageOps.exif_transpose(file)
-                    im.load()
+                im = open_image({"path": str(im)})
             if not isinstance(im, Image.Image):
                 raise TypeError(f"expected PIL images, image file paths or a (B, 3, H, W) tensor, got "
                                 f"{type(im).__name__}")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from latent_diffusion.diffusion import ScheduleConfig
-from latent_diffusion.io import _coerce_field, atomic_write_bytes, config_from_dict, dataclass_in
+from latent_diffusion.io import atomic_write_bytes, coerce_field, config_from_dict, dataclass_in
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class ExperimentConfig:
                 raise ValueError(f"{name}.optim.gradient_checkpointing: the {name} stage has no gradient checkpointing "
                                  "(the clip and decoder stages have); set it false")
         augment = [k for k in ("random_crop", "random_flip") if getattr(self.data, k)]
-        if self.decoder.cache and augment and self.data.source == "image_text":  # (the only source using them)
+        if self.decoder.cache and augment:  # (image_text data: DataConfig refuses them elsewhere)
             raise ValueError(f"decoder.cache computes each image's latent once, which would freeze data.{augment[0]} "
                              f"to a single draw; set decoder.cache false or data.{augment[0]} false")
 
@@ -282,7 +282,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
                 if isinstance(value, dict) and sub is not None and isinstance(node.get(key), dict):
                     value = _merged(node[key], value)  # a section's keys on top of the recipe's, not instead
                 elif not isinstance(value, (list, dict)):  # (config_from_dict builds tuples and sections later)
-                    value = _coerce_field(value, hint, flag)
+                    value = coerce_field(value, hint, flag)
                 node[key] = value
             else:
                 if sub is None:

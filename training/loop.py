@@ -240,7 +240,8 @@ class StepRandom:
     the whole global batch from a generator seeded by (seed, step, micro), and this process keeps its rows."""
 
     def __init__(self, seed: int, step: int, micro: int, rank: int, world: int, batch: int, device: torch.device):
-        self.gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, micro, 7]).integers(2**62)))
+        self.seed = int(np.random.default_rng([seed, step, micro, 7]).integers(2**62))  # (+ a rank stays < 2**63)
+        self.gen = torch.Generator().manual_seed(self.seed)
         self.lo, self.hi, self.n, self.device = rank * batch, (rank + 1) * batch, batch * world, device
 
     def randn(self, *shape: int) -> torch.Tensor:
@@ -352,15 +353,14 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
     with Interrupt(stage.name) as interrupt:  # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
         for step in range(start, stage.max_steps):
-            logs: dict[str, float] = {}
+            logs: dict[str, torch.Tensor] = {}
             total = torch.zeros((), device=acc.device)
             for micro in range(oc.grad_accum):
                 batch = next(batches)
                 rnd = StepRandom(stage.config.seed, step, micro, rank, world, oc.batch_size, acc.device)
                 # what draws from torch's global generator (dropout, e.g. LoRA's) is a function of the step too, so
-                # a resumed run repeats it
-                torch.manual_seed(int(np.random.default_rng([stage.config.seed, step, micro, rank, 11]).integers(2**62)
-                                      ))
+                # a resumed run repeats it (per process: dropout masks are this process's own)
+                torch.manual_seed(rnd.seed + rank)
                 last = micro == oc.grad_accum - 1
                 if stage.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last micro-step only
                     wrapped.set_requires_gradient_sync(last)

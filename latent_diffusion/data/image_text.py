@@ -143,21 +143,22 @@ def _metadata_on_top(folder: Path) -> bool:
     return any((f / name).is_file() for f in folders for name in (*METADATA_FILES, "metadata.parquet"))
 
 
-def _load_data_files(builder: str, files: list[str], cache_dir: str | None) -> Any:
-    """`datasets.load_dataset(builder, data_files=files)`; when the files sit in several folders, each row also
-    gets its file's folder (column SOURCE_DIR), against which its relative image paths resolve."""
+def _load_data_files(builder: str, files: list[str], cache_dir: str | None) -> tuple[Any, tuple[Path, ...]]:
+    """(`datasets.load_dataset(builder, data_files=files)`, the files' folder when they share one, else ()).
+    When the files sit in several folders, each row gets its file's folder instead (column SOURCE_DIR): relative
+    image paths resolve against the folder of the file that lists them."""
     import datasets
 
     groups: dict[str, list[str]] = {}
     for file in files:
         groups.setdefault(str(Path(file).parent.resolve()), []).append(file)
     if len(groups) == 1:
-        return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir), (Path(next(iter(groups))),)
     parts: dict[str, list[Any]] = {}
     for folder, group in groups.items():
         for split, rows in datasets.load_dataset(builder, data_files=group, cache_dir=cache_dir).items():
             parts.setdefault(split, []).append(rows.add_column(SOURCE_DIR, [folder] * len(rows)))
-    return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()})
+    return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()}), ()
 
 
 def _local_builder(path: Path) -> tuple[str, Any]:
@@ -220,20 +221,17 @@ def load_source(
         path = Path(dataset_name).expanduser()
         if path.exists():
             builder, files = _local_builder(path)
-            # relative image paths are relative to the data file that lists them (its folder: the files' one, or
-            # per row, SOURCE_DIR), then to the folder given
-            file_list = [files] if isinstance(files, str) else files
-            folders = {Path(f).parent for f in file_list if Path(f).is_file()}
             given = path if path.is_dir() else path.parent
-            bases = tuple(dict.fromkeys([*(folders if len(folders) == 1 else ()), given]))
             if builder == "imagefolder":
                 return _load_imagefolder(path, cache_dir), (path,), path
             if builder == "save_to_disk":
                 loaded = datasets.load_from_disk(files)
                 if isinstance(loaded, datasets.Dataset):
                     loaded = datasets.DatasetDict({"train": loaded})
-                return loaded, bases, None
-            return _load_data_files(builder, file_list, cache_dir), bases, None
+                return loaded, (given,), None
+            # relative image paths are relative to the data file that lists them, then to the folder given
+            loaded, folders = _load_data_files(builder, [files] if isinstance(files, str) else files, cache_dir)
+            return loaded, tuple(dict.fromkeys([*folders, given.resolve()])), None
         if dataset_name.startswith((".", "/", "~")) or path.suffix.lower() in BUILDERS:
             raise FileNotFoundError(f"dataset file {dataset_name!r} does not exist")
         try:
