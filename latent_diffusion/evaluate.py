@@ -254,7 +254,7 @@ def _reconstruct(pipe: Any, images: list[Image.Image], batch_size: int) -> list[
     for chunk in _chunks(images, batch_size):
         pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
                               for im in chunk]).to(pipe.device, pipe.dtype)  # (B, 3, H, W) in [-1, 1]
-        latents = pipe.vae.to_latents(pipe.vae.encode(pixels).mode())
+        latents = pipe.encode_latents(pixels)
         out += pipe.decode_latents(latents, "pil")
     return out
 

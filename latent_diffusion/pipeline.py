@@ -17,6 +17,8 @@ embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.model
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -480,10 +482,31 @@ class TextToImagePipeline:
                                  disable_progress=not progress)
         return _vp_sample(x, sigmas)
 
+    @contextmanager
+    def _vae_precision(self) -> Iterator[torch.dtype]:
+        """Yields the dtype to run the VAE in: float32 for the call when a float16 VAE's config sets
+        `force_upcast` (diffusers' flag; SD's VAEs overflow float16), else the VAE's own dtype."""
+        dtype = self.vae.decoder.conv_out.weight.dtype
+        if not (self.vae.config.force_upcast and dtype == torch.float16):
+            yield dtype
+            return
+        self.vae.float()
+        try:
+            yield torch.float32
+        finally:
+            self.vae.to(dtype)
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → diffusion latents (B, C, H/f, W/f): the posterior's mode, scaled."""
+        with self._vae_precision() as dtype:
+            return self.vae.to_latents(self.vae.encode(pixels.to(dtype)).mode()).to(self.dtype)
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: OutputType = "pil") -> Any:
         """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type`."""
-        images = self.vae.decode(self.vae.from_latents(latents.to(self.dtype))).float()
+        with self._vae_precision() as dtype:
+            images = self.vae.decode(self.vae.from_latents(latents.to(dtype))).float()
         images = ((images + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
         if output_type == "pt":
             return images.cpu()
@@ -670,7 +693,7 @@ class TextToImagePipeline:
             raise ValueError(f"got {len(prompts)} prompts for {pixels.shape[0]} images")
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             pixels.shape[-2], pixels.shape[-1])
-        latents = self.vae.to_latents(self.vae.encode(pixels * 2 - 1).mode())
+        latents = self.encode_latents(pixels * 2 - 1)
         gens = self._generators(len(prompts), seed, generator)
         text, uncond = self.encode_prompt(prompts), self.encode_prompt([""] * len(prompts))
         embeds = None

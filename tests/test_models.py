@@ -38,7 +38,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 VAE_CASES = [
     dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4),
     dict(block_out_channels=[8, 16, 16], layers_per_block=2, norm_num_groups=8, latent_channels=3,
-         scaling_factor=0.5, shift_factor=0.1),
+         scaling_factor=0.5, shift_factor=0.1, force_upcast=False),
     dict(block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False,
          use_quant_conv=False, use_post_quant_conv=False),
 ]
@@ -55,6 +55,7 @@ def test_autoencoder_matches_diffusers(tmp_path, cfg):
     ours = AutoencoderKL.from_diffusers(tmp_path)
     assert ours.config.channels == tuple(cfg["block_out_channels"])
     assert ours.config.scaling_factor == cfg.get("scaling_factor", 0.18215)
+    assert ours.config.force_upcast == cfg.get("force_upcast", True)  # diffusers' default
     x = torch.randn(2, 3, 32, 24, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         post_ref, post = ref.encode(x).latent_dist, ours.encode(x)

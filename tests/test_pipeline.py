@@ -322,3 +322,32 @@ def test_image_paths_are_images_and_seed_with_generator_is_refused(tiny_pipeline
         tiny_pipeline.image_variations(np.asarray(image), **kw)
     with pytest.raises(ValueError, match="seed or generator, not both"):
         tiny_pipeline("a red circle", seed=0, generator=torch.Generator().manual_seed(0), **FAST)
+
+
+def test_float16_vae_with_force_upcast_runs_in_float32(tiny_pipeline):
+    """A VAE whose config sets `force_upcast` (Stable Diffusion's, through `from_diffusers`) encodes and decodes in
+    float32 when the pipeline runs in float16, and is float16 again afterwards; without the flag it runs in
+    float16."""
+    from dataclasses import replace
+
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+             for m in (tiny_pipeline.vae.encoder.conv_in, tiny_pipeline.vae.decoder.conv_out)]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    config = tiny_pipeline.vae.config
+    try:
+        tiny_pipeline.to(dtype=torch.float16)
+        for upcast, expected in ((True, torch.float32), (False, torch.float16)):
+            tiny_pipeline.vae.config = replace(config, force_upcast=upcast)
+            seen.clear()
+            encoded = tiny_pipeline.encode_latents(pixels)
+            images = tiny_pipeline.decode_latents(latents, "pt")
+            assert seen == [expected, expected], upcast
+            assert encoded.dtype == torch.float16 and torch.isfinite(images).all()
+            assert {p.dtype for p in tiny_pipeline.vae.parameters()} == {torch.float16}
+    finally:
+        for hook in hooks:
+            hook.remove()
+        tiny_pipeline.vae.config = config
+        tiny_pipeline.to(dtype=torch.float32)

@@ -46,6 +46,9 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    # Stable Diffusion's VAEs overflow float16 in their decoders' last levels (diffusers' `force_upcast`): a
+    # pipeline in float16 runs such a VAE in float32.
+    force_upcast: bool = False
 
     def __post_init__(self) -> None:
         bad = [c for c in self.channels if c % self.norm_groups]
@@ -265,6 +268,7 @@ class AutoencoderKL(nn.Module):
             "use_post_quant_conv": raw.get("use_post_quant_conv", True),
             "scaling_factor": raw.get("scaling_factor", 0.18215),
             "shift_factor": raw.get("shift_factor"),
+            "force_upcast": raw.get("force_upcast", True),  # diffusers' default
         }, source=str(folder / "config.json"))
         state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         state = rename_keys(state, DIFFUSERS_VAE_RULES)
