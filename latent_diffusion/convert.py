@@ -17,15 +17,16 @@ embedding) and `StableUnCLIPImg2ImgPipeline` (image variations: a CLIP image enc
 | image_noising_scheduler                  | `PipelineConfig.image_noising_schedule`                       |
 
 Schedulers become a `ScheduleConfig` (the training schedule) and a `SamplingConfig` (our sampler and its
-timesteps). DDIM, DDPM (fixed_small variances) and Euler-ancestral map onto the same-named samplers and walk the
-same chain from the same start, with two known departures from diffusers: DDIM with linspace/trailing spacing
-when T is not a multiple of the step count (diffusers steps to t − T//n rather than to the next listed timestep,
-a known inconsistency of its DDIM), and Euler-ancestral's start noise, which is scaled here by sqrt(1 + σ_max²),
-the VP prior's, where diffusers uses σ_max (0.2% apart for SD's σ_max ≈ 14.6).
-DPMSolverMultistep (dpmsolver++, order 2, midpoint) maps onto "dpmpp_2m". UnCLIPScheduler (Karlo) becomes
-"ddpm" on its linspace timesteps — the chain Karlo's own pipeline walks. Other schedulers (PNDM/PLMS, Euler,
-LMS, Heun, UniPC, ...) are not implemented: they are replaced by "dpmpp_2m", a deterministic multistep solver of
-the same order of quality, with a warning that names the replacement.
+timesteps). DDIM, DDPM (fixed_small variances), Euler and Euler-ancestral map onto "ddim", "ddpm", "ddim" (the
+probability-flow Euler step in VE space is DDIM's, Karras et al. 2022, §4) and "euler_ancestral", and walk the
+same chain from the same start (Euler's start noise is σ_max with linspace/trailing spacing, as diffusers'), with
+one known departure from diffusers, warned about at conversion: DDIM with linspace or trailing spacing, where
+diffusers steps from t to t − T//n rather than to the next listed timestep (a known inconsistency of its DDIM;
+trailing equals it when the step count divides T, linspace almost never).
+DPMSolverMultistep (dpmsolver++, order 2, midpoint, optionally Karras sigmas) maps onto "dpmpp_2m". UnCLIPScheduler
+(Karlo) becomes "ddpm" on its linspace timesteps — the chain Karlo's own pipeline walks. Other schedulers
+(PNDM/PLMS, LMS, Heun, UniPC, ...) and the options of these that we do not implement are replaced by "dpmpp_2m",
+a deterministic multistep solver of the same order of quality, with a warning that names the replacement.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ PIPELINES: dict[str, tuple[str, ...]] = {
                                     "vae"),
 }
 # schedulers we sample exactly as diffusers does, and those replaced by "dpmpp_2m"
-EXACT_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "UnCLIPScheduler", "EulerAncestralDiscreteScheduler",
-                    "DPMSolverMultistepScheduler")
-REPLACED_SCHEDULERS = ("PNDMScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
+EXACT_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "UnCLIPScheduler", "EulerDiscreteScheduler",
+                    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler")
+REPLACED_SCHEDULERS = ("PNDMScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
                        "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
                        "DEISMultistepScheduler", "DPMSolverSinglestepScheduler")
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -78,8 +79,9 @@ COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULERS, "prior_scheduler": _SCHEDULERS, "image_noising_scheduler": _SCHEDULERS,
 }
 # diffusers' DDPM / DDIM spacing names → ours, per sampler (diffusers' "linspace" differs between schedulers)
-_LINSPACE = {"ddim": "linspace", "ddpm": "linspace", "euler_ancestral": "linspace_float",
-             "dpmpp_2m": "linspace_dpm"}
+_LINSPACE = {"DDIMScheduler": "linspace", "DDPMScheduler": "linspace", "EulerDiscreteScheduler": "linspace_float",
+             "EulerAncestralDiscreteScheduler": "linspace_float", "DPMSolverMultistepScheduler": "linspace_dpm"}
+_SIGMA_OPTIONS = ("karras_sigmas", "lu_lambdas", "exponential_sigmas", "beta_sigmas", "flow_sigmas")
 
 
 def schedule_from_diffusers(raw: dict[str, Any], source: str) -> ScheduleConfig:
@@ -117,8 +119,15 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
             raise ValueError(f"{source}: unsupported variance_type={raw['variance_type']!r}; "
                              "supported: ['fixed_small_log']")
         return SamplingConfig("ddpm", "linspace", 0), clip
+    default_spacing = "linspace" if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                             "DPMSolverMultistepScheduler") else "leading"
+    given_spacing = raw.get("timestep_spacing", default_spacing)
+    spacing = _LINSPACE.get(name, "linspace") if given_spacing == "linspace" else given_spacing
+    options: dict[str, Any] = {}
+    exact = True
     if name == "DDPMScheduler":
-        if raw.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_small_log"):
+        # diffusers reads a null variance_type as fixed_small
+        if raw.get("variance_type") not in (None, "fixed_small", "fixed_small_log"):
             raise ValueError(f"{source}: unsupported variance_type={raw['variance_type']!r}; "
                              "supported: ['fixed_small', 'fixed_small_log']")
         sampler = "ddpm"
@@ -127,29 +136,41 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
         if clip is not None:
             warnings.warn(f"{source}: DDIM with clip_sample keeps the unclipped noise estimate; our DDIM derives it "
                           "from the clipped x0, so samples differ slightly from diffusers'", stacklevel=3)
-    elif name == "EulerAncestralDiscreteScheduler":
-        sampler = "euler_ancestral"
+        if given_spacing != "leading":
+            warnings.warn(f"{source}: diffusers' DDIM with timestep_spacing={given_spacing!r} steps from t to "
+                          "t - T//n rather than to the next listed timestep; ours walks the listed timesteps, so "
+                          "samples differ from diffusers'" + (" unless the step count divides T"
+                                                              if given_spacing == "trailing" else ""), stacklevel=3)
+        if not raw.get("set_alpha_to_one", True):
+            options["final_sigma"] = "min"
+    elif name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        sampler = "ddim" if name == "EulerDiscreteScheduler" else "euler_ancestral"
+        if given_spacing in ("linspace", "trailing"):
+            options["init_noise"] = "sigma_max"
+        exact = raw.get("interpolation_type", "linear") == "linear" \
+            and raw.get("timestep_type", "discrete") == "discrete" \
+            and raw.get("final_sigmas_type", "zero") == "zero" \
+            and not any(raw.get(f"use_{kind}", False) for kind in _SIGMA_OPTIONS)
     else:
+        # DPM-Solver++(2M) with the midpoint update on the scheduler's own or Karras sigmas is what `dpmpp_2m`
+        # computes; with Karras sigmas diffusers feeds the network rounded timesteps (not for squaredcos_cap_v2)
         sampler = "dpmpp_2m"
-        # DPM-Solver++(2M) with the midpoint update on the scheduler's own sigmas is what `dpmpp_2m` computes
         exact = name == "DPMSolverMultistepScheduler" and raw.get("algorithm_type", "dpmsolver++") == "dpmsolver++" \
             and raw.get("solver_order", 2) == 2 and raw.get("solver_type", "midpoint") == "midpoint" \
             and raw.get("final_sigmas_type", "zero") == "zero" and raw.get("variance_type") is None \
             and raw.get("lambda_min_clipped", -math.inf) == -math.inf and not raw.get("euler_at_final", False) \
-            and not any(raw.get(f"use_{kind}", False) for kind in ("karras_sigmas", "lu_lambdas", "exponential_sigmas",
-                                                                    "beta_sigmas", "flow_sigmas"))
-        if not exact:
-            warnings.warn(f"{source}: {name} with this config is not implemented; it is replaced by our 'dpmpp_2m' "
-                          "(DPM-Solver++(2M), deterministic, multistep); samples differ from diffusers'",
-                          stacklevel=3)
-    default_spacing = "linspace" if name in ("EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler") \
-        else "leading"
-    spacing = raw.get("timestep_spacing", default_spacing)
-    spacing = _LINSPACE[sampler] if spacing == "linspace" else spacing
-    if spacing == "leading" and name == "DPMSolverMultistepScheduler":  # its own "leading" rule
-        spacing = "leading_dpm"
-    final = "min" if sampler == "ddim" and not raw.get("set_alpha_to_one", True) else "zero"
-    return SamplingConfig(sampler, spacing, offset, final), clip
+            and not any(raw.get(f"use_{kind}", False) for kind in _SIGMA_OPTIONS if kind != "karras_sigmas")
+        if exact and raw.get("use_karras_sigmas", False):
+            options.update(karras=True,
+                           round_timesteps=raw.get("beta_schedule", "linear") != "squaredcos_cap_v2")
+        if spacing == "leading" and name == "DPMSolverMultistepScheduler":  # its own "leading" rule
+            spacing = "leading_dpm"
+    if not exact:
+        warnings.warn(f"{source}: {name} with this config is not implemented; it is replaced by our 'dpmpp_2m' "
+                      "(DPM-Solver++(2M), deterministic, multistep); samples differ from diffusers'", stacklevel=3)
+        sampler, options = "dpmpp_2m", {}
+        spacing = "linspace_dpm" if given_spacing == "linspace" else spacing
+    return SamplingConfig(sampler, spacing, offset, **options), clip
 
 
 def _component_classes(folder: Path) -> tuple[str, dict[str, str]]:

@@ -180,7 +180,10 @@ def find_weights(folder: str | os.PathLike, names: tuple[str, ...] = (WEIGHTS_NA
             "Convert with `safetensors.torch.save_file(torch.load(path, weights_only=True), "
             f"'{folder / names[0]}')` if you trust the file."
         )
-    raise FileNotFoundError(f"missing weight file {folder / names[0]} (expected one of {list(names)})")
+    others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json")))
+    hint = (f"; the folder holds {others}: a variant (such as diffusers' fp16) or a sharded checkpoint is not "
+            f"read, rename a single-file variant to {names[0]}") if others else ""
+    raise FileNotFoundError(f"missing weight file {folder / names[0]} (expected one of {list(names)}){hint}")
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -211,13 +214,20 @@ def load_model(cls: type, folder: str | os.PathLike, device: str | torch.device 
     folder = Path(folder)
     data = read_json(folder / CONFIG_NAME)
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
+    model = build_with_weights(cls, config, load_safetensors(find_weights(folder)), source=str(folder), dtype=dtype)
+    return model.to(device=device or "cpu")
+
+
+def build_with_weights(cls: type, config: Any, state: dict[str, torch.Tensor], *, source: str,
+                       dtype: torch.dtype | None = None) -> Any:
+    """`cls(config)` holding `state` (checked strictly), in eval mode. The model is built on the meta device, so
+    no memory or time goes to an initialisation the weights replace; floating-point tensors become `dtype`
+    (fp32 unless given)."""
     with torch.device("meta"):
         model = cls(config)
-    state = load_safetensors(find_weights(folder))
     target = dtype or torch.float32
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    load_state_dict_checked(model, state, source=str(folder), assign=True)
-    model = model.to(device=device or "cpu")
+    load_state_dict_checked(model, state, source=source, assign=True)
     return model.eval()
 
 

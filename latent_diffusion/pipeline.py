@@ -17,6 +17,7 @@ embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.model
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,17 +56,24 @@ class SamplingConfig:
 
     Applies when a call uses `sampler` (the default when the call names none); a call that picks another sampler
     walks `PipelineConfig.timestep_spacing` instead. `final_sigma="min"` ends at sigma(t=0) rather than 0
-    (diffusers' DDIM with `set_alpha_to_one=False`)."""
+    (diffusers' DDIM with `set_alpha_to_one=False`). `karras` walks Karras et al.'s (2022, Eq. 5) sigmas over the
+    schedule's range instead of the spacing's timesteps, and `round_timesteps` conditions the network on round(t)
+    (diffusers' DPM-Solver with `use_karras_sigmas`). `init_noise` is the start noise's std: "vp" sqrt(1 + σ_max²),
+    the VP prior's, or "sigma_max" (diffusers' Euler schedulers with linspace or trailing spacing)."""
 
     sampler: str = "dpmpp_2m"
     timestep_spacing: Spacing = "leading"
     steps_offset: int = 0
     final_sigma: Literal["zero", "min"] = "zero"
+    karras: bool = False
+    round_timesteps: bool = False
+    init_noise: Literal["vp", "sigma_max"] = "vp"
 
     def __post_init__(self) -> None:
         for name, value, valid in (("sampler", self.sampler, sorted(SAMPLERS)),
                                    ("timestep_spacing", self.timestep_spacing, list(SPACINGS)),
-                                   ("final_sigma", self.final_sigma, list(FINAL_SIGMAS))):
+                                   ("final_sigma", self.final_sigma, list(FINAL_SIGMAS)),
+                                   ("init_noise", self.init_noise, ["vp", "sigma_max"])):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
 
@@ -276,9 +284,16 @@ class TextToImagePipeline:
             raise FileNotFoundError(f"pipeline folder not found: {folder}")
         index = read_json(folder / MODEL_INDEX)
         if "_diffusers_version" in index:
-            raise ValueError(f"{folder} is a diffusers {index.get('_class_name', 'pipeline')} folder: load it with "
-                             "TextToImagePipeline.from_diffusers, or convert it once with `latent-diffusion convert "
-                             "--from-diffusers SOURCE DEST`")
+            from latent_diffusion.convert import PIPELINES
+
+            kind = index.get("_class_name", "pipeline")
+            if kind in PIPELINES:
+                raise ValueError(f"{folder} is a diffusers {kind} folder: load it with "
+                                 "TextToImagePipeline.from_diffusers, or convert it once with `latent-diffusion "
+                                 "convert --from-diffusers SOURCE DEST`")
+            raise ValueError(f"{folder} is a diffusers {kind} folder, which does not convert to a pipeline (those "
+                             f"that do: {list(PIPELINES)}); its UNet and VAE folders load with UNet.from_diffusers "
+                             "and AutoencoderKL.from_diffusers")
         components = index.get("components", {})
         for required in ("tokenizer", "text_encoder", "decoder", "vae"):
             if required not in components:
@@ -375,14 +390,22 @@ class TextToImagePipeline:
         return level
 
     # --- sampling -----------------------------------------------------------------------------------
-    def _sigmas(self, schedule: ScheduleConfig, sampling: SamplingConfig | None, sampler: str,
-                steps: int) -> torch.Tensor:
+    def _walk(self, model: torch.nn.Module, schedule: ScheduleConfig, sampling: SamplingConfig | None, sampler: str,
+              steps: int) -> tuple[Denoiser, torch.Tensor, float]:
+        """(`model` as a denoiser over `schedule`, the (steps+1,) sigmas the call walks, the start noise's std):
+        the model's own `SamplingConfig` when the call uses its sampler, else `PipelineConfig.timestep_spacing` or
+        the sampler's default spacing."""
+        noise = NoiseSchedule(schedule)
         if sampling is not None and sampling.sampler == sampler:
-            return NoiseSchedule(schedule).sampling_sigmas(
-                steps, spacing=sampling.timestep_spacing, steps_offset=sampling.steps_offset,
-                final_sigma=sampling.final_sigma).to(self.device)
-        spacing = self.config.timestep_spacing or default_sampling(sampler)["spacing"]
-        return NoiseSchedule(schedule).sampling_sigmas(steps, spacing=spacing).to(self.device)
+            sigmas = noise.sampling_sigmas(steps, spacing=sampling.timestep_spacing, steps_offset=sampling.steps_offset,
+                                           karras=sampling.karras, final_sigma=sampling.final_sigma)
+            quantize, scale = sampling.round_timesteps, sampling.init_noise
+        else:
+            spacing = self.config.timestep_spacing or default_sampling(sampler)["spacing"]
+            sigmas, quantize, scale = noise.sampling_sigmas(steps, spacing=spacing), False, "vp"
+        denoise = Denoiser(model, noise, quantize=quantize, dtype=self.dtype)
+        init = sigmas[0].item() if scale == "sigma_max" else initial_noise_scale(sigmas[0].item())
+        return denoise, sigmas.to(self.device), init
 
     def _samplers(self, sampler: str | None, prior_sampler: str | None) -> tuple[str, str]:
         """The (decoder, prior) samplers of a call: the named ones, else the configured defaults."""
@@ -401,7 +424,8 @@ class TextToImagePipeline:
         encoded by `encode_prior_prompt`. Draws the start noise, then the sampler's noise, from `generators`."""
         prior = self.prior
         assert prior is not None
-        denoise = Denoiser(prior, NoiseSchedule(self.config.prior_schedule), dtype=self.dtype)
+        denoise, sigmas, init = self._walk(prior, self.config.prior_schedule, self.config.prior_sampling, sampler,
+                                           steps)
         clip = self.config.prior_clip_denoised
         states, pooled, mask = (torch.cat([u, c]) for u, c in zip(uncond, text))
 
@@ -414,10 +438,8 @@ class TextToImagePipeline:
         # Karlo clips the guided x0 (diffusers' clip_sample), not each branch
         guided = clamped(single if guidance_scale == 1.0 else batched_cfg(doubled, guidance_scale), clip)
 
-        sigmas = self._sigmas(self.config.prior_schedule, self.config.prior_sampling, sampler, steps)
         # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
-        x = _randn((len(generators), prior.config.embed_dim), generators, self.device, torch.float32)
-        x = x * initial_noise_scale(sigmas[0])
+        x = _randn((len(generators), prior.config.embed_dim), generators, self.device, torch.float32) * init
         x = get_sampler(sampler)(guided, x, sigmas, generator=generators, disable_progress=not progress)
         return prior.denormalize(_vp_sample(x, sigmas)).to(self.dtype)
 
@@ -435,7 +457,9 @@ class TextToImagePipeline:
         embedding separately from the text (`batched_dual_cfg`: three decoder rows per image; 0 conditions on the
         text alone). `start` skips the first sampling steps (img2img): then `latents` are clean latents noised to
         that step here."""
-        denoise = Denoiser(self.decoder, NoiseSchedule(self.config.decoder_schedule), dtype=self.dtype)
+        denoise, sigmas, init = self._walk(self.decoder, self.config.decoder_schedule, self.config.decoder_sampling,
+                                           sampler, steps)
+        sigmas = sigmas[start:]
         clip = self.config.decoder_clip_denoised
         B = len(generators)
         img_c = None if image_embeds is None else self.augment_image_embeds(image_embeds, generators, noise_level)
@@ -468,16 +492,15 @@ class TextToImagePipeline:
             guided = batched_dual_cfg(tripled, guidance_scale, image_scale, guidance_rescale)
         guided = clamped(guided, clip)
 
-        sigmas = self._sigmas(self.config.decoder_schedule, self.config.decoder_sampling, sampler, steps)[start:]
         C = self.decoder.config.in_channels
         # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
         noise = _randn((B, C, *shape), generators, self.device, torch.float32)
         if latents is None:
-            x = noise * initial_noise_scale(sigmas[0])
+            x = noise * init
         elif start > 0:
             x = latents.to(self.device, torch.float32) + sigmas[0] * noise  # VE: x = x0 + σ ε
         else:
-            x = latents.to(self.device, torch.float32) * initial_noise_scale(sigmas[0])
+            x = latents.to(self.device, torch.float32) * init
         x = get_sampler(sampler)(guided, x, sigmas, generator=generators, callback=callback,
                                  disable_progress=not progress)
         return _vp_sample(x, sigmas)
@@ -507,6 +530,9 @@ class TextToImagePipeline:
         """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type`."""
         with self._vae_precision() as dtype:
             images = self.vae.decode(self.vae.from_latents(latents.to(dtype))).float()
+        if not torch.isfinite(images).all():  # black images otherwise, with no other sign
+            warnings.warn(f"the VAE decoded non-finite values in {dtype}: the images are wrong. A float16 VAE that "
+                          "overflows runs in float32 with force_upcast=true in its config.json", stacklevel=2)
         images = ((images + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
         if output_type == "pt":
             return images.cpu()

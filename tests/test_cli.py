@@ -109,7 +109,11 @@ def test_device_that_is_not_there_and_a_diffusers_folder_are_named(tiny_pipeline
     (diffusers_like / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableUnCLIPPipeline", "_diffusers_version": "0.42.1", "tokenizer": ["transformers", "x"]}))
     assert main(["generate", "x", "--pipeline", str(diffusers_like)]) == 2
-    assert "is a diffusers StableUnCLIPPipeline folder" in capsys.readouterr().err
+    assert "is a diffusers StableUnCLIPPipeline folder: load it with" in capsys.readouterr().err
+    (diffusers_like / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}))
+    assert main(["generate", "x", "--pipeline", str(diffusers_like)]) == 2
+    assert "StableDiffusionPipeline folder, which does not convert" in capsys.readouterr().err
 
 
 def test_error_messages_name_flags_but_leave_paths_and_words_alone():

@@ -92,6 +92,10 @@ def test_autoencoder_old_attention_keys_and_pickle_refused(tmp_path):
     torch.save(state, tmp_path / "old" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="refusing to load pickle"):
         AutoencoderKL.from_diffusers(tmp_path / "old")
+    (tmp_path / "old" / "diffusion_pytorch_model.bin").unlink()
+    save_file(state, str(tmp_path / "old" / "diffusion_pytorch_model.fp16.safetensors"))  # diffusers' variant
+    with pytest.raises(FileNotFoundError, match=r"holds \['diffusion_pytorch_model.fp16.safetensors'\]"):
+        AutoencoderKL.from_diffusers(tmp_path / "old")
 
 
 UNET_CASES = {

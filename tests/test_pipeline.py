@@ -346,6 +346,10 @@ def test_float16_vae_with_force_upcast_runs_in_float32(tiny_pipeline):
             assert seen == [expected, expected], upcast
             assert encoded.dtype == torch.float16 and torch.isfinite(images).all()
             assert {p.dtype for p in tiny_pipeline.vae.parameters()} == {torch.float16}
+        with torch.no_grad():  # an overflowing decoder warns rather than returning black images silently
+            tiny_pipeline.vae.decoder.conv_out.bias.fill_(float("inf"))
+        with pytest.warns(UserWarning, match="non-finite values in torch.float16"):
+            tiny_pipeline.decode_latents(latents, "pt")
     finally:
         for hook in hooks:
             hook.remove()

@@ -165,6 +165,39 @@ def test_image_variations_match_diffusers(unclip_img2img):
     assert np.abs(out.images - expected).max() < 1e-3
 
 
+@pytest.mark.parametrize("scheduler, options", [
+    ("EulerDiscreteScheduler", {}),  # linspace: fractional timesteps, start noise σ_max
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),  # rounded timesteps on Karras sigmas
+    ("DDIMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0}),  # 4 steps divide T = 1000
+])
+def test_decoder_schedulers_match_diffusers(unclip_img2img, scheduler, options):
+    """The decoder's scheduler config, converted, walks diffusers' chain: same images from the same generator."""
+    from dataclasses import replace
+
+    from latent_diffusion.convert import sampling_from_diffusers
+
+    ref, folder = unclip_img2img
+    original = ref.scheduler
+    ref.scheduler = new = getattr(diffusers, scheduler).from_config(original.config, **options)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    try:
+        expected, _ = _run_diffusers(ref, 3, image=image, noise_level=50, **STEPS)
+    finally:
+        ref.scheduler = original
+    raw = {"_class_name": scheduler, **new.config}  # what its scheduler_config.json holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DDIM's trailing warning: exact only when the step count divides T
+        sampling, _ = sampling_from_diffusers(raw, scheduler)
+    assert sampling.sampler == {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim",
+                                "EulerAncestralDiscreteScheduler": "euler_ancestral"}.get(scheduler, "dpmpp_2m")
+    pipe = TextToImagePipeline.from_diffusers(folder)
+    pipe.config = replace(pipe.config, decoder_sampling=sampling)
+    out = pipe.image_variations(image, generator=torch.Generator().manual_seed(3), noise_level=50,
+                                output_type="np", progress=False, **STEPS)
+    assert np.abs(out.images - expected).max() < 1e-4
+
+
 def test_prior_transformer_forward_matches_and_unsupported_options_are_named(tmp_path):
     torch.manual_seed(0)
     ref = _perturb(diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=20,
@@ -242,6 +275,13 @@ def test_scheduler_mapping():
     assert schedule_from_diffusers(karlo, "karlo").beta_schedule == "squaredcos_cap_v2"
     with pytest.raises(ValueError, match="variance_type='fixed_large'"):
         sampling_from_diffusers(raw(diffusers.DDPMScheduler(variance_type="fixed_large")), "ddpm")
+    assert sampling_from_diffusers({**raw(diffusers.DDPMScheduler()), "variance_type": None}, "ddpm")[0].sampler \
+        == "ddpm"  # diffusers reads null as fixed_small
+    with pytest.warns(UserWarning, match="steps from t to t - T//n"):  # diffusers' DDIM is inconsistent there
+        sampling_from_diffusers(raw(diffusers.DDIMScheduler(timestep_spacing="linspace")), "ddim")
+    for option in ({"use_karras_sigmas": True}, {"interpolation_type": "log_linear"}):
+        with pytest.warns(UserWarning, match="replaced by our 'dpmpp_2m'"):
+            sampling_from_diffusers({**raw(diffusers.EulerDiscreteScheduler()), **option}, "euler")
     with pytest.raises(ValueError, match="unsupported scheduler 'FlowMatchEulerDiscreteScheduler'"):
         sampling_from_diffusers({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "flow")
 

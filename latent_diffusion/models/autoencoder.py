@@ -16,11 +16,11 @@ from torch import nn
 
 from latent_diffusion.io import (
     DIFFUSERS_WEIGHTS,
+    build_with_weights,
     config_from_dict,
     find_weights,
     load_model,
     load_safetensors,
-    load_state_dict_checked,
     read_json,
     save_model,
 )
@@ -274,9 +274,7 @@ class AutoencoderKL(nn.Module):
         state = rename_keys(state, DIFFUSERS_VAE_RULES)
         # Old-format checkpoints store the mid attention projections as 1×1 convolutions.
         state = {k: v[:, :, 0, 0] if ".attn.attn." in k and v.ndim == 4 else v for k, v in state.items()}
-        model = cls(config)
-        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=str(folder))
-        return model.eval()
+        return build_with_weights(cls, config, state, source=str(folder))
 
 
 # diffusers key → ours, applied in order.

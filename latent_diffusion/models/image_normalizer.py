@@ -21,10 +21,10 @@ from torch import nn
 from latent_diffusion.diffusion import NoiseSchedule
 from latent_diffusion.io import (
     DIFFUSERS_WEIGHTS,
+    build_with_weights,
     find_weights,
     load_model,
     load_safetensors,
-    load_state_dict_checked,
     read_json,
     save_model,
 )
@@ -71,9 +71,8 @@ class ImageNormalizer(nn.Module):
         if raw.get("_class_name", "StableUnCLIPImageNormalizer") != "StableUnCLIPImageNormalizer":
             raise ValueError(f"{folder} holds a {raw['_class_name']}, not a StableUnCLIPImageNormalizer")
         state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
-        model = cls(ImageNormalizerConfig(embed_dim=raw.get("embedding_dim", 768)))
-        load_state_dict_checked(model, {k: v.float().reshape(-1) for k, v in state.items()}, source=str(folder))
-        return model.eval()
+        return build_with_weights(cls, ImageNormalizerConfig(embed_dim=raw.get("embedding_dim", 768)),
+                                  {k: v.reshape(-1) for k, v in state.items()}, source=str(folder))
 
 
 def noise_augment(embeds: torch.Tensor, noise: torch.Tensor, noise_level: int, schedule: NoiseSchedule,

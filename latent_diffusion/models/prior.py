@@ -19,10 +19,10 @@ from torch import nn
 
 from latent_diffusion.io import (
     DIFFUSERS_WEIGHTS,
+    build_with_weights,
     find_weights,
     load_model,
     load_safetensors,
-    load_state_dict_checked,
     read_json,
     save_model,
 )
@@ -166,9 +166,7 @@ class DiffusionPrior(nn.Module):
         for key in ("clip_mean", "clip_std"):  # diffusers: (1, D) parameters; ours: (D,) buffers
             if key in state:
                 state[key] = state[key].reshape(-1)
-        model = cls(config)
-        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=str(folder))
-        return model.eval()
+        return build_with_weights(cls, config, state, source=str(folder))
 
 
 def prior_config_from_diffusers(raw: dict, source: str = "config.json") -> DiffusionPriorConfig:

@@ -34,10 +34,10 @@ from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.io import (
     DIFFUSERS_WEIGHTS,
+    build_with_weights,
     find_weights,
     load_model,
     load_safetensors,
-    load_state_dict_checked,
     read_json,
     save_model,
 )
@@ -378,9 +378,7 @@ class UNet(nn.Module):
         config = unet_config_from_diffusers(read_json(folder / "config.json"), source=str(folder / "config.json"))
         state = load_safetensors(find_weights(folder, DIFFUSERS_WEIGHTS))
         state = rename_keys(state, DIFFUSERS_UNET_RULES)
-        model = cls(config)
-        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=str(folder))
-        return model.eval()
+        return build_with_weights(cls, config, state, source=str(folder))
 
 
 def unet_config_from_diffusers(raw: dict, source: str = "config.json") -> UNetConfig:
