@@ -130,12 +130,13 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
+def write_json(path: str | Path, data: dict[str, Any], quiet: bool = False) -> None:
     """Write `data` as indented JSON; strings holding paths inside the repository are made relative to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_repo_relative(data), indent=2) + "\n")
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def _repo_relative(value: Any) -> Any:

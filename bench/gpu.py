@@ -14,19 +14,23 @@ Sections, in order of priority (each is skipped, and says so, once `--budget-s` 
    q/k/v), ours + fuse (NCHW: CUDA's GroupNorm has no channels_last kernel in some torch versions and converts
    its input), diffusers; two probes of where the eager step loses time, on ours + fuse: `+lpnorm` runs
    GroupNorm/LayerNorm in the autocast dtype (autocast otherwise upcasts them, so every norm reads bf16 and writes
-   fp32), `+cudnn` prefers cuDNN's attention kernel in SDPA; with `--train-compile` also each under whole-model
-   `torch.compile` (no checkpointing;
-   the compile time is reported, the FLOPs are the eager model's); with `--train-profile` the operators that take
-   the time of one eager step of each implementation (torch.profiler, top 25 by device time).
+   fp32), `+flash` keeps SDPA off cuDNN's attention kernel (flash, then memory-efficient: recent torch prefers
+   cuDNN on Hopper); with `--train-compile` also each under whole-model `torch.compile` (no checkpointing; the
+   compile time is reported, the FLOPs are the eager model's); with `--train-profile` the operators that take the
+   time of one eager step of each implementation (torch.profiler, top 40 by device time) and that time summed by
+   kind (convolution, matmul, attention, norm, optimizer, copies, other) beside the step's wall time. Each row
+   records its first step's loss: the implementations start from the same weights and data, so the losses agree
+   to bf16 rounding.
 4. vae: decode of one 64×64×4 latent to a 512² image, ours (plain, channels_last, and with
    `speed.transposed_upsample`: each ×2 upsampling + 3×3 convolution as one transposed convolution) and diffusers.
 5. compiled inference: whole-model `torch.compile` on ours + fused q/k/v and on diffusers (like for like), then
    regional `speed.compile_blocks` on ours + switches, at batch 1 then 8 (`--compiled`, `--compiled-batches`),
    with the compile time (first call).
 
-diffusers is optional: without it the comparison rows are skipped with a note. The UNet has no image
-conditioning (`UNET_PRESETS["sd15"]`); both implementations get the same weights (diffusers' state dict
-renamed in memory), and the max relative output difference is reported.
+diffusers is optional: without it the comparison rows are skipped with a note that gives the import error. The
+UNet has no image conditioning (`UNET_PRESETS["sd15"]`); both implementations get the same weights (diffusers'
+state dict renamed in memory), and the max relative output difference is reported. The JSON is rewritten after
+every row, and a row that fails is recorded in the notes with its error, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import copy
 import gc
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,8 +63,9 @@ try:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-except ImportError:
-    diffusers = None
+    DIFFUSERS_ERROR = None
+except ImportError as e:  # diffusers itself, or one of its needs (Pillow, huggingface_hub, ...)
+    diffusers, DIFFUSERS_ERROR = None, repr(e)
 
 TINY_UNET = UNetConfig(channels=(32, 64), attention_levels=(True, True), layers_per_block=1, heads=(2, 2),
                        transformer_depth=(1, 1), context_dim=32, norm_groups=8)
@@ -73,6 +79,36 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
+
+
+class Record:
+    """The run's results, rewritten to `path` after every row; `attempt` runs one row, noting a failure."""
+
+    def __init__(self, path: Path, results: dict[str, Any]):
+        self.path, self.results = path, results
+
+    def add(self, section: str, row: dict[str, Any]) -> None:
+        self.results.setdefault(section, []).append(row)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        write_json(tmp, self.results, quiet=True)
+        tmp.replace(self.path)
+
+    def attempt(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), or None after noting `what` failed (the traceback goes to stderr); CUDA memory is freed."""
+        try:
+            return fn(*args)
+        except Exception as e:  # a failing row must not lose the others
+            traceback.print_exc()
+            self.results["notes"].append(f"{what} failed: {e!r}"[:500])
+            self.save()
+            return None
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def diffusers_unet_config(c: UNetConfig) -> dict[str, Any]:
@@ -121,10 +157,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int) ->
 
 
 def inference_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, config: UNetConfig,
-                      budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+                      budget: Budget, notes: list[str], record: Record) -> None:
     ours, ref = build_unets(config, device, dtype)
     fast = speed.apply_speed(copy.deepcopy(ours), channels_last=True, fuse=True)
-    rows = []
     for batch in args.batches:
         g = torch.Generator(device="cpu").manual_seed(batch)
         x = torch.randn(2 * batch, config.in_channels, args.latent, args.latent, generator=g).to(device, dtype)
@@ -145,14 +180,13 @@ def inference_section(args: argparse.Namespace, device: torch.device, dtype: tor
             err = {k: rel_err(fn(), ref(*a).sample) for k, fn in fns.items() if ref is not None and k != "diffusers"}
             timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
         for name, tm in timing.items():
-            rows.append({"batch": batch, "unet_batch": 2 * batch, "impl": name, "ms": tm["median_ms"],
-                         "it_per_s": 1e3 / tm["median_ms"], "max_rel_diff": err.get(name)})
+            record.add("inference", {"batch": batch, "unet_batch": 2 * batch, "impl": name, "ms": tm["median_ms"],
+                                     "it_per_s": 1e3 / tm["median_ms"], "max_rel_diff": err.get(name)})
         print(f"  inference batch {batch}: " + ", ".join(f"{k} {1e3 / v['median_ms']:.1f} it/s"
                                                         for k, v in timing.items()), flush=True)
         if budget.left() < 60:
             notes.append(f"inference stopped after batch {batch}: budget")
             break
-    return rows
 
 
 class LowPrecisionGroupNorm(torch.nn.GroupNorm):
@@ -183,30 +217,42 @@ def low_precision_norms(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_context(impl: str, device: torch.device) -> Callable[[], Any]:
-    """A factory of the SDPA-backend context of each step: for the `+cudnn` probe cuDNN's kernel first, then
-    flash, memory-efficient and math; otherwise torch's own choice."""
-    if "+cudnn" not in impl:
+    """A factory of the SDPA-backend context of each step: for the `+flash` probe flash, memory-efficient, then
+    math, never cuDNN's kernel (which torch ≥ 2.9 tries first on Hopper with a recent cuDNN); otherwise torch's
+    own choice."""
+    if "+flash" not in impl:
         return contextlib.nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return lambda: sdpa_kernel(order if device.type == "cuda" else [SDPBackend.MATH], set_priority=True)
+
+
+def sdpa_backends() -> dict[str, Any]:
+    """cuDNN's version and SDPA's backend priority order (after a first CUDA SDPA call), for the record."""
+    info: dict[str, Any] = {"cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    order = getattr(torch._C, "_get_sdp_priority_order", None)
+    if order is not None:
+        from torch.nn.attention import SDPBackend
+
+        names = {int(b): b.name for b in SDPBackend}
+        info["sdpa_priority"] = [names.get(int(b), str(b)) for b in order()]
+    return info
 
 
 def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, batch: int, latent: int,
                   tokens: int, context_dim: int,
                   attention: Callable[[], Any] = contextlib.nullcontext,
-                  ) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+                  ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
-    target = torch.randn_like(x)
+    target = torch.randn(x.shape, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     ctx = torch.randn(batch, tokens, context_dim, generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     autocast = speed.bf16_autocast(device, enabled=device.type == "cuda")
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with attention():  # the backward too: gradient checkpointing recomputes attention there
             with autocast:
                 out = model(x, t, ctx)
@@ -215,72 +261,95 @@ def train_step_fn(model: torch.nn.Module, is_ref: bool, device: torch.device, ba
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step, opt
 
 
 def training_section(args: argparse.Namespace, device: torch.device, config: UNetConfig, peak_tflops: float,
-                     budget: Budget, notes: list[str], profiles: dict[str, str]) -> list[dict[str, Any]]:
+                     budget: Budget, notes: list[str], record: Record) -> None:
     """Training-step rows; with `--train-profile` the operator table of each eager implementation goes into
-    `profiles`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    the record's `train_profiles`."""
     impls = [i for i in args.train_impls if i != "diffusers" or diffusers]
     if args.train_compile:  # whole-model torch.compile on both, like for like; no checkpointing rows
         impls += [f"{impl}+compile" for impl in impls]
-    rows, flops = [], {}
+    flops: dict[str, float] = {}
     for impl in impls:
         base = impl.removesuffix("+compile")
-        # with --train-compile the eager rows are the baseline only: no checkpointing rows (budget for the compiles)
-        for ckpt in (False, True) if impl == base and not args.train_compile else (False,):
-            if budget.left() < (120 if impl != base else 45):
+        # checkpointing rows only for eager implementations, and not with --train-compile (budget for the compiles)
+        for ckpt in (False, True) if impl == base and args.train_checkpointing else (False,):
+            if budget.left() < (args.compile_gate_s if impl != base else 45):
                 notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
                 continue
-            ours, ref = build_unets(config, device, torch.float32)
-            model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=base == "ours+switches",
-                                                                      fuse=True)
-            if "+lpnorm" in base:
-                low_precision_norms(model)
-            del ours, ref
-            model.train()
-            if ckpt:
-                model.enable_gradient_checkpointing()
-            if impl != base:  # --tiny only traces with dynamo (backend="eager"): the logic without C++ builds
-                model = torch.compile(model, **({"backend": "eager"} if args.tiny else {}))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            step, opt = train_step_fn(model, base == "diffusers", device, args.train_batch, args.latent,
-                                      args.tokens, config.context_dim, attention_context(base, device))
-            start = time.perf_counter()
-            step()  # compiles, for a compiled model
-            compile_s = time.perf_counter() - start if impl != base else None
-            if not ckpt and impl == base and impl not in flops:  # model FLOPs (no recomputation), on a real step
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops[impl] = counter.get_total_flops()
-            timing = interleaved({impl: step}, repeats=args.train_repeats, iters=args.train_iters, warmup=1,
-                                 device=device)[impl]
-            if args.train_profile and not ckpt and impl == base:
-                profiles[impl] = profile_step(step, device)
-                print(profiles[impl], flush=True)
-            step_s = timing["median_ms"] / 1e3
-            useful = flops.get(base, next(iter(flops.values()), 0))  # compiled: the eager model's FLOPs
-            peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            rows.append({"impl": impl, "gradient_checkpointing": ckpt, "ms_per_step": timing["median_ms"],
-                         "samples_per_s": args.train_batch / step_s, "tflops_per_step": useful / 1e12,
-                         "mfu": useful / step_s / (peak_tflops * 1e12), "peak_mem_gib": peak_mem,
-                         "compile_s": compile_s})
-            print(f"  training {impl} ckpt={ckpt}: {timing['median_ms']:.1f} ms/step, "
-                  f"{args.train_batch / step_s:.1f} samples/s, MFU {rows[-1]['mfu']:.3f}, "
-                  f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB", flush=True)
-            del model, opt, step
-            gc.collect()
-    return rows
+            record.attempt(f"training {impl} checkpointing={ckpt}", training_row, args, device, config, peak_tflops,
+                           impl, base, ckpt, flops, record)
 
 
-def profile_step(step: Callable[[], None], device: torch.device, top: int = 25) -> str:
-    """The `top` operators of one call of `step` by self device time (CPU time on a CPU), as a table."""
+def training_row(args: argparse.Namespace, device: torch.device, config: UNetConfig, peak_tflops: float, impl: str,
+                 base: str, ckpt: bool, flops: dict[str, float], record: Record) -> None:
+    """One training row (`impl` with or without gradient checkpointing), added to `record`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours, ref = build_unets(config, device, torch.float32)
+    model = ref if base == "diffusers" else speed.apply_speed(ours, channels_last=base == "ours+switches", fuse=True)
+    if "+lpnorm" in base:
+        low_precision_norms(model)
+    del ours, ref
+    model.train()
+    if ckpt:
+        model.enable_gradient_checkpointing()
+    if impl != base:  # --tiny only traces with dynamo (backend="eager"): the logic without C++ builds
+        model = torch.compile(model, **({"backend": "eager"} if args.tiny else {}))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step, opt = train_step_fn(model, base == "diffusers", device, args.train_batch, args.latent,
+                              args.tokens, config.context_dim, attention_context(base, device))
+    start = time.perf_counter()
+    first_loss = step().item()  # compiles, for a compiled model
+    compile_s = time.perf_counter() - start if impl != base else None
+    if not ckpt and impl == base and impl not in flops:  # model FLOPs (no recomputation), on a real step
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[impl] = counter.get_total_flops()
+    timing = interleaved({impl: step}, repeats=args.train_repeats, iters=args.train_iters, warmup=1,
+                         device=device)[impl]
+    step_s = timing["median_ms"] / 1e3
+    if args.train_profile and not ckpt and impl == base:
+        table, kinds = profile_step(step, device)
+        record.results["train_profiles"][impl] = table
+        record.results["train_profile_kinds"][impl] = {"step_ms": timing["median_ms"], **kinds}
+        print(table, flush=True)
+        print(f"  {impl}: device time by kind (ms) {kinds}, step {timing['median_ms']:.1f} ms", flush=True)
+    useful = flops.get(base, next(iter(flops.values()), 0))  # compiled: the eager model's FLOPs
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    record.add("training", {"impl": impl, "gradient_checkpointing": ckpt, "ms_per_step": timing["median_ms"],
+                            "samples_per_s": args.train_batch / step_s, "tflops_per_step": useful / 1e12,
+                            "mfu": useful / step_s / (peak_tflops * 1e12), "peak_mem_gib": peak_mem,
+                            "compile_s": compile_s, "first_loss": first_loss})
+    print(f"  training {impl} ckpt={ckpt}: {timing['median_ms']:.1f} ms/step, "
+          f"{args.train_batch / step_s:.1f} samples/s, MFU {record.results['training'][-1]['mfu']:.3f}, "
+          f"peak {peak_mem if peak_mem is None else round(peak_mem, 1)} GiB, first loss {first_loss:.5f}",
+          flush=True)
+
+
+# operator name fragments → kind, first match wins (aten names, forward and backward)
+OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention", "_attention")),
+    ("convolution", ("conv",)),
+    ("matmul", ("mm", "linear", "matmul")),
+    ("norm", ("norm",)),
+    ("optimizer", ("adam", "foreach")),
+    ("copies", ("copy", "_to_copy", "clone", "contiguous", "cat", "stack")),
+)
+
+
+def op_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, keys in OP_KINDS if any(k in name for k in keys)), "other")
+def profile_step(step: Callable[[], Any], device: torch.device, top: int = 40) -> tuple[str, dict[str, float]]:
+    """(the `top` operators of one call of `step` by self device time (CPU time on a CPU), as a table; that time
+    in ms summed by `op_kind` over all operators, with the total)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -288,11 +357,17 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 25) 
         step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+    events = prof.key_averages()
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU:  # operators; their kernels' time is their self time
+            kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + getattr(e, key) / 1e3
+    kinds = {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    kinds["total"] = round(sum(kinds.values()), 3)
+    return events.table(sort_by=key, row_limit=top, max_name_column_width=100), kinds
 
 
-def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                notes: list[str]) -> list[dict[str, Any]]:
+def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Record) -> None:
     config = AUTOENCODER_PRESETS["tiny" if args.tiny else "sd"]
     torch.manual_seed(0)
     with torch.device(device):
@@ -314,12 +389,12 @@ def vae_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         err = {k: rel_err(fn(), ref.decode(z).sample) for k, fn in fns.items() if ref is not None and k != "diffusers"}
         timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
     print("  VAE decode: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in timing.items()), flush=True)
-    return [{"impl": k, "size": args.vae_size, "ms": v["median_ms"], "max_rel_diff": err.get(k)}
-            for k, v in timing.items()]
+    for k, v in timing.items():
+        record.add("vae", {"impl": k, "size": args.vae_size, "ms": v["median_ms"], "max_rel_diff": err.get(k)})
 
 
 def compiled_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, config: UNetConfig,
-                     budget: Budget, notes: list[str]) -> list[dict[str, Any]]:
+                     budget: Budget, notes: list[str], record: Record) -> None:
     ours, ref = build_unets(config, device, dtype)
     # --tiny traces with dynamo only (backend="eager"): the logic without minutes of C++ compilation on CPU.
     kwargs = {"backend": "eager"} if args.tiny else {}
@@ -333,36 +408,45 @@ def compiled_section(args: argparse.Namespace, device: torch.device, dtype: torc
     if "blocks" in args.compiled:
         models["ours+switches+compile_blocks"] = speed.compile_blocks(
             speed.apply_speed(ours, channels_last=True, fuse=True), **kwargs)
-    rows = []
     for batch in args.compiled_batches or args.batches:
         g = torch.Generator(device="cpu").manual_seed(batch)
         x = torch.randn(2 * batch, config.in_channels, args.latent, args.latent, generator=g).to(device, dtype)
         t = torch.full((2 * batch,), 500.0, device=device)
         ctx = torch.randn(2 * batch, args.tokens, config.context_dim, generator=g).to(device, dtype)
-        fns = {}
+        fns, compile_s = {}, {}
         for name, m in models.items():
-            if budget.left() < 100:
+            if budget.left() < args.compile_gate_s:
                 notes.append(f"compiled {name} at batch {batch} skipped: budget")
                 continue
             a = (x, t, ctx)
             call = (lambda m=m, a=a: m(*a).sample) if name.startswith("diffusers") else (lambda m=m, a=a: m(*a))
-            t0 = time.perf_counter()
+
+            def first(call: Callable[[], Any] = call) -> float:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    call()
+                sync(device)
+                return time.perf_counter() - t0
+
+            seconds = record.attempt(f"compiled {name} batch {batch}", first)
+            if seconds is None:
+                continue
+            print(f"  compiled {name} batch {batch}: first call {seconds:.1f} s", flush=True)
+            compile_s[name], fns[name] = seconds, call
+            # timed alone at once, so that a later compile that overruns the call's limit does not lose it
             with torch.no_grad():
-                call()
-            sync(device)
-            compile_s = time.perf_counter() - t0
-            print(f"  compiled {name} batch {batch}: first call {compile_s:.1f} s", flush=True)
-            rows.append({"batch": batch, "impl": name, "compile_s": compile_s})
-            fns[name] = call
-        if fns:
+                alone = interleaved({name: call}, repeats=args.repeats, iters=args.iters, device=device)[name]
+            record.add("compiled", {"batch": batch, "impl": name, "compile_s": seconds, "timed": "alone",
+                                    "ms": alone["median_ms"], "it_per_s": 1e3 / alone["median_ms"]})
+        if len(fns) > 1:  # then side by side, interleaved
             with torch.no_grad():
                 timing = interleaved(fns, repeats=args.repeats, iters=args.iters, device=device)
-            for r in rows:
-                if r["batch"] == batch and r["impl"] in timing:
-                    r.update(ms=timing[r["impl"]]["median_ms"], it_per_s=1e3 / timing[r["impl"]]["median_ms"])
+            for name, tm in timing.items():
+                record.add("compiled", {"batch": batch, "impl": name, "compile_s": compile_s[name],
+                                        "timed": "interleaved", "ms": tm["median_ms"],
+                                        "it_per_s": 1e3 / tm["median_ms"]})
             print(f"  compiled batch {batch}: " + ", ".join(f"{k} {1e3 / v['median_ms']:.1f} it/s"
                                                          for k, v in timing.items()), flush=True)
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -376,9 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training section: also whole-model torch.compile on ours and diffusers (MFU); the "
                              "eager rows then skip gradient checkpointing")
     parser.add_argument("--train-impls", nargs="+", default=["ours+switches", "diffusers"],
-                        choices=["ours+switches", "ours+fuse", "ours+fuse+lpnorm", "ours+fuse+cudnn", "diffusers"],
+                        choices=["ours+switches", "ours+fuse", "ours+fuse+lpnorm", "ours+fuse+flash", "diffusers"],
                         help="training section: the implementations timed (ours+fuse: NCHW, fused q/k/v; "
-                             "+lpnorm: norms in bf16; +cudnn: cuDNN attention first)")
+                             "+lpnorm: norms in bf16; +flash: SDPA without cuDNN's attention kernel)")
+    parser.add_argument("--no-train-checkpointing", dest="train_checkpointing", action="store_false",
+                        help="training section: no gradient-checkpointing rows")
+    parser.add_argument("--compile-gate-s", type=float, default=100.0,
+                        help="start a compile only with this many seconds of the budget left")
     parser.add_argument("--train-profile", action="store_true",
                         help="training section: print the top operators of one eager step of each implementation")
     parser.add_argument("--compiled-batches", nargs="*", type=int, default=None,
@@ -400,23 +488,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     budget = Budget(args.budget_s)
-    notes: list[str] = [] if diffusers else ["diffusers is not installed: comparison rows skipped"]
+    notes: list[str] = [] if diffusers else [f"diffusers could not be imported ({DIFFUSERS_ERROR}): comparison "
+                                             "rows skipped"]
     info = machine_info(device)
     print(f"{info.get('gpu', info['cpu'])}, torch {info['torch']}, diffusers {info['diffusers']}", flush=True)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in UNet(config).parameters())
-    profiles: dict[str, str] = {}
-    results: dict[str, Any] = {"machine": info, "unet_params": n_params, "dtype": str(dtype), "notes": notes,
-                               "train_profiles": profiles}
+    record = Record(args.out, {"machine": info, "unet_params": n_params, "dtype": str(dtype), "notes": notes,
+                               "train_profiles": {}, "train_profile_kinds": {}})
+    results = record.results
 
-    peak = matmul_peak(device, dtype, peak_n, 10 if not args.tiny else 2)
+    peak = matmul_peak(device, dtype, peak_n, 50 if not args.tiny else 2)
     results["peak_tflops"] = peak
-    print(f"  peak {dtype} matmul {peak_n}³: {peak:.1f} TFLOP/s", flush=True)
+    if device.type == "cuda":  # after a first SDPA call, so that the priority order is the one in use
+        with torch.no_grad():
+            q = torch.randn(1, 8, 64, 40, device=device, dtype=dtype)
+            F.scaled_dot_product_attention(q, q, q)
+        results["sdpa"] = sdpa_backends()
+    record.save()
+    print(f"  peak {dtype} matmul {peak_n}³: {peak:.1f} TFLOP/s; {results.get('sdpa')}", flush=True)
     sections: list[tuple[str, Callable[[], Any]]] = [
-        ("inference", lambda: inference_section(args, device, dtype, config, budget, notes)),
-        ("training", lambda: training_section(args, device, config, peak, budget, notes, profiles)),
-        ("vae", lambda: vae_section(args, device, dtype, notes)),
-        ("compiled", lambda: compiled_section(args, device, dtype, config, budget, notes)),
+        ("inference", lambda: inference_section(args, device, dtype, config, budget, notes, record)),
+        ("training", lambda: training_section(args, device, config, peak, budget, notes, record)),
+        ("vae", lambda: vae_section(args, device, dtype, record)),
+        ("compiled", lambda: compiled_section(args, device, dtype, config, budget, notes, record)),
     ]
     for name, run in sections:
         if name in args.skip:
@@ -424,10 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if budget.left() < 30:
             notes.append(f"section {name} skipped: budget")
             continue
-        results[name] = run()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        record.attempt(f"section {name}", run)
     results["elapsed_s"] = args.budget_s - budget.left()
 
     print()
@@ -435,18 +527,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(markdown_table(["batch (CFG ×2)", "impl", "it/s", "max rel diff"],
                              [[r["batch"], r["impl"], r["it_per_s"], r["max_rel_diff"]] for r in results["inference"]]))
     if results.get("training"):
-        print(markdown_table(["impl", "grad ckpt", "ms/step", "samples/s", "MFU", "peak GiB", "compile s"],
+        print(markdown_table(["impl", "grad ckpt", "ms/step", "samples/s", "MFU", "peak GiB", "compile s",
+                              "first loss"],
                              [[r["impl"], r["gradient_checkpointing"], r["ms_per_step"], r["samples_per_s"], r["mfu"],
-                               r["peak_mem_gib"], r.get("compile_s")] for r in results["training"]]))
+                               r["peak_mem_gib"], r.get("compile_s"), r["first_loss"]] for r in results["training"]]))
     if results.get("vae"):
         print(markdown_table(["VAE decode", "ms", "max rel diff"],
                              [[r["impl"], r["ms"], r["max_rel_diff"]] for r in results["vae"]]))
     if results.get("compiled"):
-        print(markdown_table(["batch (CFG ×2)", "impl", "compile s", "it/s"],
-                             [[r["batch"], r["impl"], r["compile_s"], r.get("it_per_s")] for r in results["compiled"]]))
+        print(markdown_table(["batch (CFG ×2)", "impl", "timed", "compile s", "it/s"],
+                             [[r["batch"], r["impl"], r["timed"], r["compile_s"], r["it_per_s"]]
+                              for r in results["compiled"]]))
     for note in notes:
         print("note:", note)
-    write_json(args.out, results)
+    record.save()
+    print(f"wrote {args.out}")
     return results
 
 

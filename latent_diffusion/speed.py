@@ -254,9 +254,11 @@ def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
     i, i, i+1 (taps w0 + w1 | w2); the transposed convolution writes input row i to output row 2i + k - 1 with
     tap k, hence K = [w2, w1 + w2, w0 + w1, w0] (the resize-convolution / sub-pixel convolution identity:
     Odena et al. 2016; Shi et al. 2016)."""
-    P = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
-                     dtype=weight.dtype, device=weight.device)
-    return P @ weight @ P.T
+    def along(w: torch.Tensor, dim: int) -> torch.Tensor:  # built from the weights: no host-to-device copy
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return along(along(weight, -2), -1)
 
 
 class TransposedUpsample(Upsample):
