@@ -13,6 +13,15 @@ import torch  # noqa: E402
 # Tiny tensors: one thread is faster than two, and much faster on a loaded 2-core machine.
 torch.set_num_threads(1)
 
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group (fixed ports collide across sessions)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 CAPTIONS = [
     f"a {size}{color} {shape} {where}"
     for size in ("", "small ", "large ")

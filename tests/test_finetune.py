@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import CAPTIONS
+from tests.conftest import CAPTIONS, free_port
 
 pytest.importorskip("peft")
 
@@ -447,9 +447,9 @@ def test_two_process_full_finetune_of_a_text_encoder_some_steps_do_not_reach(tin
     pipe.decoder = UNet(replace(pipe.decoder.config, pooled_text_dim=None))
     pipe.save_pretrained(tmp_path / "pipe")
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", "29641", "-m", "training.finetune", "--pipeline",
-           str(tmp_path / "pipe"), "--train-data-dir", str(imagefolder), "--method", "full", "--components",
-           "decoder,text_encoder", "--max-steps", "2", "--output-dir", str(tmp_path / "out"), *FAST]
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "training.finetune",
+           "--pipeline", str(tmp_path / "pipe"), "--train-data-dir", str(imagefolder), "--method", "full",
+           "--components", "decoder,text_encoder", "--max-steps", "2", "--output-dir", str(tmp_path / "out"), *FAST]
     result = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -338,7 +338,9 @@ def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> 
 
 def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
     """Run a stage's `main` on `sys.argv`: a configuration, data or resume error (ValueError, FileNotFoundError)
-    prints `error: ...` without a traceback and exits with status 2 (LATENT_DIFFUSION_TRACEBACK=1 shows it)."""
+    prints `error: ...` without a traceback and exits with status 2 (LATENT_DIFFUSION_TRACEBACK=1 shows it).
+    After a run, every process meets the others and destroys the process group: left to interpreter shutdown,
+    gloo's threads can abort a process after its run has finished."""
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError) as error:
@@ -346,6 +348,11 @@ def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def positive_int(text: str) -> int:
