@@ -15,15 +15,19 @@ Rows (each on ``--num`` real renders from ``ShapesDataset(num, seed)``):
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import ImageFilter
 
-from latent_diffusion.data.checker import check_detections, detect
-from latent_diffusion.data.shapes import EDIT_KINDS, ShapesDataset, caption, edit_spec
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+from _common import machine_info, write_json  # noqa: E402
+
+from latent_diffusion.data.checker import check_detections, detect  # noqa: E402
+from latent_diffusion.data.shapes import EDIT_KINDS, ShapesDataset, caption, edit_spec  # noqa: E402
 
 TARGET = 0.995
 
@@ -79,10 +83,8 @@ def main() -> None:
         print(f"| {name} | {trials} | {rate:.4f} | {mark} |")
     print(f"\nreal-pair failures by attribute: {failures or 'none'}; {seconds:.1f} s "
           f"({1000 * seconds / args.num:.1f} ms per sample incl. rendering and two detections)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"num": args.num, "seed": args.seed, "seconds": seconds, "rows": rows,
-                                    "real_failures": failures}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, {"machine": machine_info(), "num": args.num, "seed": args.seed, "seconds": seconds,
+                          "rows": rows, "real_failures": failures})
 
 
 if __name__ == "__main__":

@@ -215,6 +215,23 @@ def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str
     return tuple(sorted(parse_pairs(text))) if text.strip() else ()
 
 
+def run_record(device: torch.device) -> dict[str, object]:
+    """What a recorded figure needs beside it: the command, the date, the machine and the library versions."""
+    import platform
+    import shlex
+    from datetime import datetime, timezone
+
+    import torch
+
+    record = {"command": "latent-diffusion " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+              "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from latent_diffusion.evaluate import DEFAULT_SETTINGS, evaluate, prompt_suite, save_report, to_markdown
@@ -245,6 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        prior_guidance_scale=args.prior_guidance, grid_path=out / "grid.png",
                        image_guidance_scale=args.image_guidance)
     results["pipeline"] = str(folder)
+    results["run"] = run_record(device)
     for path in save_report(results, out):
         print(path)
     print(out / "grid.png")
