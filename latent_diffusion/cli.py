@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
     g.add_argument("--lora", default=None, help="a LoRA adapter folder written by training.finetune")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
+    g.add_argument("--lora-scale", type=float, default=None, help="strength of the LoRA update (default 1)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--fast", action="store_true", help=FAST_HELP)
 
@@ -165,6 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (folder / "model_index.json").is_file():
         print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
         return 2
+    if args.lora_scale is not None and not args.lora:
+        raise ValueError("--lora-scale needs --lora (a LoRA folder to scale)")
     for flag in ("num_images", "steps", "prior_steps"):  # before the pipeline loads, named as typed
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -173,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
+        pipe.load_lora(args.lora, scale=1.0 if args.lora_scale is None else args.lora_scale)
     if args.fast:
         speed_up(pipe, device)
     start = time.perf_counter()

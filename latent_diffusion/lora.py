@@ -19,6 +19,7 @@ LoRA into the weights for good: `fuse_lora(pipe); unload_lora(pipe); pipe.save_p
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -173,7 +174,8 @@ def read_lora_index(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"LoRA folder not found: {path}")
     if not (path / LORA_INDEX).is_file():
-        hint = " (it holds a whole pipeline: load it with TextToImagePipeline.from_pretrained)" \
+        hint = (" (it holds a whole pipeline: load it with TextToImagePipeline.from_pretrained, or pass it to "
+                "latent-diffusion generate as --pipeline)") \
             if (path / "model_index.json").is_file() else ""
         raise FileNotFoundError(f"{path} is not a LoRA folder: no {LORA_INDEX}{hint}")
     index = read_json(path / LORA_INDEX)
@@ -262,6 +264,7 @@ def load_lora_into(module: nn.Module, folder: str | Path, component: str = "mode
         raise ValueError(f"{folder}: adapter weights did not load: missing {unloaded[:5]}, "
                          f"unexpected {list(result.unexpected_keys)[:5]}")
     module.requires_grad_(False)
+    module.train(module.training)  # the new layers (their dropout too) follow the module: eval for inference
     return len(layers)
 
 
@@ -281,6 +284,7 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
     Refuses, naming the layers, an adapter whose layers the pipeline does not have or has in another shape.
     Returns the components that got a LoRA."""
     path = Path(path)
+    scale = _checked_scale(scale)
     index = read_lora_index(path)
     entries: dict[str, Any] = index.get("components", {})
     wanted = list(entries) if components is None else list(components)
@@ -293,8 +297,8 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
         raise ValueError(f"{path} holds a LoRA for {absent}, which this pipeline does not have")
     loaded = lora_components(pipe)
     if loaded:
-        raise ValueError(f"a LoRA is already loaded into {loaded}; call unload_lora(pipe) first "
-                         "(fuse_lora then unload_lora keeps it baked into the weights)")
+        raise ValueError(f"a LoRA is already loaded into {loaded}; unload it first with pipe.unload_lora() "
+                         "(pipe.fuse_lora() then pipe.unload_lora() keeps it baked into the weights)")
     done: list[str] = []
     try:
         for name in wanted:
@@ -312,15 +316,26 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
 def _all_layers(pipe: Any) -> list[nn.Module]:
     layers = [layer for module in _components(pipe).values() for layer in lora_layers(module)]
     if not layers:
-        raise ValueError("no LoRA is loaded into this pipeline; call load_lora(pipe, path) first")
+        raise ValueError("no LoRA is loaded into this pipeline; load one first with pipe.load_lora(path)")
     return layers
+
+
+def _checked_scale(scale: Any) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value):
+        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+    return value
 
 
 def set_lora_scale(pipe: Any, scale: float) -> None:
     """Scale the loaded LoRA's update: 0 gives the base model's outputs exactly, 1 the trained strength."""
+    scale = _checked_scale(scale)
     layers = _all_layers(pipe)
     if any(layer.merged for layer in layers):
-        raise ValueError("the LoRA is fused into the weights; call unfuse_lora(pipe) before changing its scale")
+        raise ValueError("the LoRA is fused into the weights; call pipe.unfuse_lora() before changing its scale")
     for layer in layers:
         layer.set_scale(ADAPTER, float(scale))
 

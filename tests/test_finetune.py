@@ -179,6 +179,32 @@ def test_resume_is_exact_with_lora_dropout(tiny_pipeline_dir, imagefolder, tmp_p
     b = load_file(str(tmp_path / "resumed" / "decoder" / ADAPTER_WEIGHTS))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    # loaded for inference, the adapters' dropout is off: a seed gives one image
+    from latent_diffusion import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.load_lora(tmp_path / "straight")
+    assert not any(m.training for m in pipe.decoder.modules())
+    first, again = (pipe("a red circle", **SAMPLE).images for _ in range(2))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
+def test_resume_names_changed_settings_and_refuses_another_base(tiny_pipeline_dir, imagefolder, tmp_path, capsys):
+    import shutil
+
+    common = ["--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--output-dir",
+              str(tmp_path / "out"), *FAST]
+    run_in_process(*common, "--max-steps", "1")
+    run_in_process(*common, "--max-steps", "2", "--resume", "latest", "--learning-rate", "2e-3")
+    out = capsys.readouterr().out
+    assert "resuming at step 1 with other settings than the run so far: optim.lr: 0.001 -> 0.002" in out
+    kept = tmp_path / "out" / "_work" / "finetune" / "config-before-step-1.yaml"
+    assert "lr: 0.001" in kept.read_text() and "lr: 0.002" in (tmp_path / "out" / "config.yaml").read_text()
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_pipeline_dir, other)
+    with pytest.raises(ValueError, match="--resume continues the fine-tune of .* but --pipeline is .*other-base"):
+        run_in_process(*[str(other) if a == str(tiny_pipeline_dir) else a for a in common], "--max-steps", "3",
+                       "--resume", "latest")
 
 
 def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefolder, tmp_path):
@@ -323,14 +349,30 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
         run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae_decoder")
     with pytest.raises(ValueError, match=r"unknown config key '--lora.rnak'"):
         run_in_process(*args, "--train-data-dir", str(folder), "--lora.rnak", "4")
+    with pytest.raises(ValueError, match=r"--components : give distinct names"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--components", "")
+    with pytest.raises(ValueError, match=r"alpha=0.0.*alpha > 0"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--alpha", "0")
+    with pytest.raises(ValueError, match=r"dropout=1.5.*dropout in \[0, 1\)"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--lora.dropout", "1.5")
+    with pytest.raises(ValueError, match=r"--data.image_size 15: the pipeline's VAE needs a multiple of 2"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--data.image_size", "15")
+    with pytest.raises(ValueError, match=r"validation_images must be >= 0"):
+        run_in_process(*args, "--train-data-dir", str(folder), "--validation_images", "-1")
 
 
-def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path):
+def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path, capsys):
     from latent_diffusion.cli import main
 
     pipe = tiny_pipeline
     base = pipe(PROMPTS, **SAMPLE).images
+    for bad in (float("nan"), "abc"):  # refused before anything loads
+        with pytest.raises(ValueError, match="LoRA scale must be a finite number"):
+            pipe.load_lora(lora_run, scale=bad)
+    assert lora_components(pipe) == []
     assert pipe.load_lora(lora_run, scale=0.5) == ["decoder", "prior"]
+    with pytest.raises(ValueError, match="LoRA scale must be a finite number, got inf"):
+        pipe.set_lora_scale(float("inf"))
     with pytest.raises(ValueError, match="unload_lora"):
         pipe.save_pretrained(tmp_path / "refused")
     pipe.fuse_lora()
@@ -344,6 +386,8 @@ def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_d
                      "--prior-steps", "2", "--num-images", "1", "--out", str(out), "--quiet", *extra]) == 0
         outs.append(np.asarray(Image.open(out), dtype=np.float32))
     assert np.abs(outs[0] - outs[1]).max() > 0
+    assert main(["generate", "x", "--pipeline", str(tiny_pipeline_dir), "--lora-scale", "0.5"]) == 2
+    assert "--lora-scale needs --lora" in capsys.readouterr().err
 
 
 def teach_concept_module():

@@ -123,6 +123,20 @@ def test_metadata_listing_a_missing_file_is_not_fatal(tmp_path):
     assert dataset.skipped == 1
 
 
+def test_missing_captions_are_counted(tmp_path, caplog):
+    """Null, absent and blank captions train as the empty caption: said once, with the count."""
+    rows = [{"text": "red"}, {"text": None}, {}, {"text": "  "}, {"text": "a red square"}]
+    for i, row in enumerate(rows):
+        Image.new("RGB", (8, 8), RED).save(tmp_path / f"{i}.png")
+        row["file_name"] = f"{i}.png"
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="latent_diffusion.data"):
+        dataset = ImageTextDataset(train_data_dir=str(tmp_path), image_size=SIZE, cache_dir=str(tmp_path / "cache"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "image-text data: 3 of 5 images have no caption (null, missing or blank); they train with the empty caption"]
+    assert dataset[1]["caption"] == ""
+
+
 def test_unreadable_images_met_by_dataloader_workers_are_counted(folders):
     """Workers flag bad items in shared memory: the main process's count includes them (fine-tuning reports it)."""
     dataset = make(folders)
@@ -221,6 +235,8 @@ def test_column_errors_list_the_columns(folders):
         make(folders, "csv", image_column="img", caption_column="caption")
     with pytest.raises(ValueError, match=r"split 'test' not found; splits: \['train'\]"):
         make(folders, "csv", caption_column="caption", split="test")
+    with pytest.raises(ValueError, match=r"the image and caption columns are both 'image'"):
+        make(folders, "csv", caption_column="image")
 
 
 def test_images_without_metadata_name_the_metadata_file(folders):

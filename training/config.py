@@ -234,7 +234,7 @@ class FinetuneConfig:
     image_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
-    validation_images: int = 4  # per validation prompt (no prompts given: the first 4 distinct captions)
+    validation_images: int = 4  # per validation prompt (no prompts given: the first 4 distinct captions); 0: none
     validation_steps: int = 25
     validation_guidance: float = 5.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(

@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,7 +47,7 @@ from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
 from training.common import build_dataset, dataset_captions, decoder_loss
-from training.config import FinetuneConfig, apply_overrides, positive_int, run_from_command_line
+from training.config import FinetuneConfig, LoraSettings, apply_overrides, positive_int, run_from_command_line
 from training.loop import StepRandom, fit, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
@@ -141,7 +142,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> FinetuneCo
         ("data", "train_data_dir"): args.train_data_dir, ("data", "dataset_name"): args.dataset_name,
         ("data", "image_column"): args.image_column, ("data", "caption_column"): args.caption_column,
         ("data", "validation_prompts"): args.validation_prompt,
-        ("components",): [c.strip() for c in args.components.split(",")] if args.components else None,
+        ("components",): None if args.components is None else [c.strip() for c in args.components.split(",")],
         ("lora", "rank"): args.rank, ("lora", "alpha"): args.alpha,
         ("optim", "lr"): args.learning_rate, ("optim", "batch_size"): args.batch_size,
         ("optim", "mixed_precision"): args.mixed_precision, ("optim", "max_steps"): args.max_steps,
@@ -178,6 +179,22 @@ def _check(cfg: FinetuneConfig) -> None:
                          "loss; add decoder and/or prior to --components")
     if cfg.data.source == "image_text" and (cfg.data.train_data_dir is None) == (cfg.data.dataset_name is None):
         raise ValueError("give the training images: --train-data-dir FOLDER or --dataset-name NAME (one of them)")
+    lora = cfg.lora
+    if cfg.method == "lora":
+        if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            raise ValueError(f"LoRA settings rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}: the rank "
+                             "must be >= 1, alpha > 0 (the update is scaled by alpha / rank) and dropout in [0, 1)")
+    elif lora != LoraSettings():
+        warnings.warn(f"--method full trains every weight of the components: the LoRA settings ({lora}) are "
+                      "ignored", stacklevel=2)
+    if cfg.validation_images < 0:
+        raise ValueError(f"validation_images must be >= 0 (0: no validation grids), got {cfg.validation_images}")
+    vae_config = Path(cfg.pipeline) / "vae" / "config.json"
+    if vae_config.is_file():
+        factor = 2 ** (len(read_json(vae_config).get("channels", [0])) - 1)
+        if cfg.data.image_size % factor:
+            raise ValueError(f"--data.image_size {cfg.data.image_size}: the pipeline's VAE needs a multiple of "
+                             f"{factor}")
 
 
 def _cast_frozen(modules: list[nn.Module], dtype: torch.dtype) -> None:
@@ -196,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
+    previous = Path(args.output_dir) / "config.yaml"
+    if args.resume and previous.is_file():  # the checkpoints hold the earlier base's frozen weights
+        base = (yaml.safe_load(previous.read_text()) or {}).get("pipeline")
+        if base is not None and Path(base).resolve() != Path(cfg.pipeline).resolve():
+            raise ValueError(f"--resume continues the fine-tune of {base} in {args.output_dir}, but --pipeline is "
+                             f"{cfg.pipeline}: resume with --pipeline {base}, or start a new --output-dir")
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
@@ -339,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         """A grid of `validation_images` samples per prompt (rows) from the pipeline as it is now."""
         from latent_diffusion.cli import make_grid
 
-        if not prompts:
+        if not prompts or not cfg.validation_images:
             return {}
         with acc.autocast():
             images = pipe(prompts, num_images_per_prompt=cfg.validation_images, seed=0, progress=False,

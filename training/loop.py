@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -42,7 +44,14 @@ from training.checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from training.config import ExperimentConfig, FinetuneConfig, OptimConfig, load_config, save_config
+from training.config import (
+    ExperimentConfig,
+    FinetuneConfig,
+    OptimConfig,
+    config_to_yaml,
+    load_config,
+    save_config,
+)
 from training.ema import EMA
 
 
@@ -98,12 +107,24 @@ class Stage:
         self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
         return True
 
-    def record_config(self) -> None:
+    def record_config(self, start: int = 0) -> None:
         """Write the resolved config to OUTPUT_DIR/config.yaml (main process): done by a stage once it is about to
         train (`fit`, past its checks), so a skipped or refused stage leaves the record of the run that trained
-        it."""
-        if self.is_main:
-            save_config(self.config, self.output_dir / "config.yaml")
+        it. A run resumed at `start` > 0 with other settings says which, and keeps the earlier record as
+        `_work/<stage>/config-before-step-<start>.yaml`."""
+        if not self.is_main:
+            return
+        path = self.output_dir / "config.yaml"
+        new = config_to_yaml(self.config)
+        if start > 0 and path.is_file() and path.read_text() != new:
+            changed = changed_settings(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(new))
+            if changed:
+                kept = self.work_dir / f"config-before-step-{start}.yaml"
+                shutil.copyfile(path, kept)
+                shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+                self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
+                           f"(its config is kept as {kept})")
+        save_config(self.config, path)
 
     def mark_done(self) -> None:
         """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
@@ -121,6 +142,18 @@ class Stage:
         if pending is not None:
             self.print(f"{self.name}: finished; stopping for the {pending} received near the end")
             raise SystemExit(128 + getattr(signal, pending))
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
@@ -331,7 +364,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         stage.print(f"resumed from {checkpoint} at step {start}")
         apply_optim_config(stage, optimizer, scheduler, oc)
     set_aside_later_checkpoints(stage, start)
-    stage.record_config()  # past every refusal: the run trains from here
+    stage.record_config(start)  # past every refusal: the run trains from here
     if acc.is_main_process:  # what this run used, beside the resolved config (whose mixed_precision may be null)
         with open(stage.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"run": {"start_step": start, "mixed_precision": acc.mixed_precision,

@@ -111,6 +111,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 _LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", re.IGNORECASE)
 
 
+def _has_text(value: Any) -> bool:
+    """A caption cell holds text: a non-blank string, or a list with one."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(v is not None and str(v).strip() for v in values)
+
+
 def swap_left_right(caption: str) -> str:
     """Swap the words "left" <-> "right" (also in leftmost, rightward(s), left-hand), keeping their case.
 
@@ -288,6 +294,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             raise ValueError(f"split {split!r} not found; splits: {list(splits)}")
         data = splits[split]
         columns = data.column_names
+        if image_column == caption_column:
+            raise ValueError(f"the image and caption columns are both {image_column!r}; name the caption column "
+                             f"(columns: {columns})")
         if image_column not in columns:
             raise ValueError(f"image column {image_column!r} not found; columns: {columns}")
         if caption_column not in columns:
@@ -307,6 +316,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
         self._data = data
         self.image_column, self.caption_column = image_column, caption_column
+        blank = sum(not _has_text(v) for v in data.select_columns([caption_column])[caption_column])
+        if blank:  # they train as unconditional samples, like text dropout: say so rather than silently
+            logger.warning("image-text data: %d of %d images have no caption (null, missing or blank); they train "
+                           "with the empty caption", blank, len(data))
         self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
         self.seed, self.epoch = seed, 0
         # One flag per item in shared memory, so DataLoader workers' finds reach the main process's `skipped`
@@ -364,7 +377,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
                 continue
             return self._process(i, image, row[self.caption_column])
-        raise RuntimeError(f"none of the {n} images can be read (see the warnings from 'latent_diffusion.data')")
+        raise ValueError(f"none of the {n} images can be read (see the warnings from 'latent_diffusion.data'): "
+                         "check the image paths and the image column")
 
     def _process(self, index: int, image: Image.Image, captions: Any) -> dict[str, Any]:
         # Four draws in a fixed order, whatever is switched on, so one option never shifts another's randomness.
