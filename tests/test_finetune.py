@@ -200,6 +200,11 @@ def test_resume_names_changed_settings_and_refuses_another_base(tiny_pipeline_di
     assert "resuming at step 1 with other settings than the run so far: optim.lr: 0.001 -> 0.002" in out
     kept = tmp_path / "out" / "_work" / "finetune" / "config-before-step-1.yaml"
     assert "lr: 0.001" in kept.read_text() and "lr: 0.002" in (tmp_path / "out" / "config.yaml").read_text()
+    # a LoRA checkpoint holds the adapters only (the frozen base comes from --pipeline)
+    saved = load_file(str(tmp_path / "out" / "_work" / "finetune" / "checkpoint-2" / "model.safetensors"))
+    assert saved and all(".lora_" in k for k in saved)
+    with pytest.raises(ValueError, match=r"--resume .*checkpoint-2: the checkpoint trained other parameters"):
+        run_in_process(*common, "--max-steps", "3", "--resume", "latest", "--components", "decoder,prior")
     other = tmp_path / "other-base"
     shutil.copytree(tiny_pipeline_dir, other)
     with pytest.raises(ValueError, match="--resume continues the fine-tune of .* but --pipeline is .*other-base"):

@@ -3,7 +3,9 @@ for `--resume latest`, and restored exactly (model, optimizer, LR schedule, EMA)
 optimizer state of a sharded run is a tensors-only `torch.save`, loaded with `weights_only=True`.
 
 Folder layout under a stage's work folder: `checkpoint-N/` (N = optimiser steps done) holding Accelerate's state
-(or, under `--fsdp`, `model.safetensors` + `optimizer.bin`), `ema.safetensors` and `trainer_state.json`.
+(or, under `--fsdp`, `model.safetensors` + `optimizer.bin`), `ema.safetensors` and `trainer_state.json`. A stage
+with `trained_only` (LoRA fine-tuning) keeps only the trained parameters in `model.safetensors`: its frozen base
+comes from the pipeline it was started on, and resuming checks that the run trains exactly those parameters.
 """
 
 from __future__ import annotations
@@ -59,7 +61,12 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
             save_safetensors(tmp / "model.safetensors", weights)
             torch.save(optim_state, tmp / "optimizer.bin")
     else:
-        acc.save_state(str(tmp), safe_serialization=True)
+        handle = acc.register_save_state_pre_hook(_keep_trained) if stage.trained_only else None
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+        finally:
+            if handle is not None:
+                handle.remove()
         shadow = ema.shadow if ema is not None else None
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -77,6 +84,33 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _trained_names(model: torch.nn.Module) -> set[str]:
+    return {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _keep_trained(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """Accelerate save-state hook: drop every frozen tensor from the state dicts about to be written."""
+    for model, state in zip(models, weights):
+        trained = _trained_names(model)
+        for key in [k for k in state if k.removeprefix("module.") not in trained]:
+            del state[key]
+
+
+def _check_trained(checkpoint: Path, model: torch.nn.Module) -> None:
+    """A trained-only checkpoint must hold exactly the parameters this run trains (strict loading cannot tell)."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        saved = {k.removeprefix("module.") for k in f.keys()}
+    trained = _trained_names(model)
+    if saved != trained:
+        extra, missing = sorted(saved - trained), sorted(trained - saved)
+        raise ValueError(f"--resume {checkpoint}: the checkpoint trained other parameters than this run (only in the "
+                         f"checkpoint: {extra[:3]}{' ...' if len(extra) > 3 else ''} ({len(extra)}); only in this run: "
+                         f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})); resume with the "
+                         "earlier run's components and LoRA settings, or start a new --output-dir")
 
 
 def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -100,8 +134,11 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         if ema_state is not None:
             ema_state = sharding.shard_like(ema_state, ema.shadow)
     else:
+        if stage.trained_only:
+            _check_trained(checkpoint, model)
         try:
-            acc.load_state(str(checkpoint))
+            # a trained-only checkpoint lacks the frozen weights; shapes are still checked
+            acc.load_state(str(checkpoint), **({"strict": False} if stage.trained_only else {}))
         except RuntimeError as error:  # load_state_dict's: one line per mismatched tensor, every key name listed
             if "Error(s) in loading state_dict" not in str(error):
                 raise

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
                         find_unused_parameters=cfg.method == "full" and "text_encoder" in cfg.components)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
+    stage.trained_only = cfg.method == "lora"  # checkpoints hold the adapters; the frozen base is --pipeline's
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")

@@ -67,6 +67,7 @@ class Stage:
     max_steps: int
     resume: str | None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
+    trained_only: bool = False  # checkpoints hold the trained parameters only (LoRA: the frozen base is elsewhere)
     pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
 
     @property
