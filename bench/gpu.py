@@ -235,7 +235,7 @@ def sdpa_backends() -> dict[str, Any]:
     if order is not None:
         from torch.nn.attention import SDPBackend
 
-        names = {int(b): b.name for b in SDPBackend}
+        names = {int(v): k for k, v in SDPBackend.__members__.items()}  # a pybind11 enum: not iterable
         info["sdpa_priority"] = [names.get(int(b), str(b)) for b in order()]
     return info
 
@@ -277,7 +277,7 @@ def training_section(args: argparse.Namespace, device: torch.device, config: UNe
     for impl in impls:
         base = impl.removesuffix("+compile")
         # checkpointing rows only for eager implementations, and not with --train-compile (budget for the compiles)
-        for ckpt in (False, True) if impl == base and args.train_checkpointing else (False,):
+        for ckpt in (False, True) if impl == base and args.train_checkpointing and not args.train_compile else (False,):
             if budget.left() < (args.compile_gate_s if impl != base else 45):
                 notes.append(f"training {impl} checkpointing={ckpt} skipped: budget")
                 continue
@@ -340,13 +340,15 @@ OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matmul", ("mm", "linear", "matmul")),
     ("norm", ("norm",)),
     ("optimizer", ("adam", "foreach")),
-    ("copies", ("copy", "_to_copy", "clone", "contiguous", "cat", "stack")),
+    ("copies", ("copy", "clone", "contiguous", "aten::cat", "aten::stack")),
 )
 
 
 def op_kind(name: str) -> str:
     name = name.lower()
     return next((kind for kind, keys in OP_KINDS if any(k in name for k in keys)), "other")
+
+
 def profile_step(step: Callable[[], Any], device: torch.device, top: int = 40) -> tuple[str, dict[str, float]]:
     """(the `top` operators of one call of `step` by self device time (CPU time on a CPU), as a table; that time
     in ms summed by `op_kind` over all operators, with the total)."""
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             q = torch.randn(1, 8, 64, 40, device=device, dtype=dtype)
             F.scaled_dot_product_attention(q, q, q)
-        results["sdpa"] = sdpa_backends()
+        results["sdpa"] = record.attempt("recording SDPA's backends", sdpa_backends)
     record.save()
     print(f"  peak {dtype} matmul {peak_n}³: {peak:.1f} TFLOP/s; {results.get('sdpa')}", flush=True)
     sections: list[tuple[str, Callable[[], Any]]] = [

@@ -19,6 +19,7 @@ total=${GPU_SESSION_S:-560}
 start=$SECONDS
 mkdir -p "$results"
 exec > >(tee -a "$results/session.log") 2>&1
+tee_pid=$!
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -49,3 +50,5 @@ run 190 --skip inference training --compiled full --compiled-batches 8 --compile
 run 1000 --skip inference vae compiled --train-compile --no-train-checkpointing --compile-gate-s 60 \
     --train-impls ours+fuse diffusers --out "$results/gpu_train_compile.json"
 echo "== done at ${SECONDS} s"
+exec >&- 2>&-  # let tee write the log's last lines before the call collects it
+wait "$tee_pid" 2>/dev/null || true

@@ -217,7 +217,7 @@ def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str
     return tuple(sorted(parse_pairs(text))) if text.strip() else ()
 
 
-def run_record(device: torch.device) -> dict[str, object]:
+def run_record(device: torch.device, argv: list[str]) -> dict[str, object]:
     """What a recorded figure needs beside it: the command, the date, the machine and the library versions."""
     import platform
     import shlex
@@ -225,7 +225,7 @@ def run_record(device: torch.device) -> dict[str, object]:
 
     import torch
 
-    record = {"command": "latent-diffusion " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    record = {"command": "latent-diffusion " + " ".join(shlex.quote(a) for a in argv),
               "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
               "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
@@ -264,7 +264,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        prior_guidance_scale=args.prior_guidance, grid_path=out / "grid.png",
                        image_guidance_scale=args.image_guidance)
     results["pipeline"] = str(folder)
-    results["run"] = run_record(device)
+    results["run"] = run_record(device, args.argv)
     for path in save_report(results, out):
         print(path)
     print(out / "grid.png")
@@ -317,6 +317,7 @@ def _as_flags(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     _quiet_hub()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for results.json
     try:
         if args.command == "generate":
             return cmd_generate(args)

@@ -153,16 +153,17 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
             and not any(raw.get(f"use_{kind}", False) for kind in _SIGMA_OPTIONS)
     else:
         # DPM-Solver++(2M) with the midpoint update on the scheduler's own or Karras sigmas is what `dpmpp_2m`
-        # computes; with Karras sigmas diffusers feeds the network rounded timesteps (not for squaredcos_cap_v2)
+        # computes; with Karras sigmas diffusers feeds the network rounded timesteps
         sampler = "dpmpp_2m"
         exact = name == "DPMSolverMultistepScheduler" and raw.get("algorithm_type", "dpmsolver++") == "dpmsolver++" \
             and raw.get("solver_order", 2) == 2 and raw.get("solver_type", "midpoint") == "midpoint" \
             and raw.get("final_sigmas_type", "zero") == "zero" and raw.get("variance_type") is None \
             and raw.get("lambda_min_clipped", -math.inf) == -math.inf and not raw.get("euler_at_final", False) \
             and not any(raw.get(f"use_{kind}", False) for kind in _SIGMA_OPTIONS if kind != "karras_sigmas")
-        if exact and raw.get("use_karras_sigmas", False):
-            options.update(karras=True,
-                           round_timesteps=raw.get("beta_schedule", "linear") != "squaredcos_cap_v2")
+        if raw.get("use_karras_sigmas", False):
+            # with squaredcos_cap_v2 diffusers truncates the unrounded timesteps into repeats (and can fail on them)
+            exact = exact and raw.get("beta_schedule", "linear") != "squaredcos_cap_v2"
+            options.update(karras=True, round_timesteps=True)
         if spacing == "leading" and name == "DPMSolverMultistepScheduler":  # its own "leading" rule
             spacing = "leading_dpm"
     if not exact:

@@ -400,10 +400,12 @@ class TextToImagePipeline:
             sigmas = noise.sampling_sigmas(steps, spacing=sampling.timestep_spacing, steps_offset=sampling.steps_offset,
                                            karras=sampling.karras, final_sigma=sampling.final_sigma)
             quantize, scale = sampling.round_timesteps, sampling.init_noise
+            # diffusers' Euler schedulers condition on the fractional timesteps themselves
+            linear = sampling.timestep_spacing == "linspace_float" and not sampling.karras
         else:
             spacing = self.config.timestep_spacing or default_sampling(sampler)["spacing"]
-            sigmas, quantize, scale = noise.sampling_sigmas(steps, spacing=spacing), False, "vp"
-        denoise = Denoiser(model, noise, quantize=quantize, dtype=self.dtype)
+            sigmas, quantize, scale, linear = noise.sampling_sigmas(steps, spacing=spacing), False, "vp", False
+        denoise = Denoiser(model, noise, quantize=quantize, dtype=self.dtype, linear_t=linear)
         init = sigmas[0].item() if scale == "sigma_max" else initial_noise_scale(sigmas[0].item())
         return denoise, sigmas.to(self.device), init
 
@@ -508,7 +510,8 @@ class TextToImagePipeline:
     @contextmanager
     def _vae_precision(self) -> Iterator[torch.dtype]:
         """Yields the dtype to run the VAE in: float32 for the call when a float16 VAE's config sets
-        `force_upcast` (diffusers' flag; SD's VAEs overflow float16), else the VAE's own dtype."""
+        `force_upcast` (diffusers' flag, on in converted configs: safer than diffusers' Stable unCLIP pipelines,
+        which run it in float16), else the VAE's own dtype."""
         dtype = self.vae.decoder.conv_out.weight.dtype
         if not (self.vae.config.force_upcast and dtype == torch.float16):
             yield dtype

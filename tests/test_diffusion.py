@@ -430,6 +430,11 @@ def test_sigma_to_t_inverts_the_schedule():
     assert s.sigma_to_t(torch.tensor([1e-6, 1e6])).tolist() == [0.0, 999.0]  # clamped outside the range
     karras = s.karras_sigmas(5)
     assert karras[0].item() == pytest.approx(s.sigma_max) and karras[-1].item() == pytest.approx(s.sigma_min)
+    # fractional timesteps (diffusers' Euler "linspace"): sigmas_at interpolates sigma linearly, and only the linear
+    # inverse gives those timesteps back; the log-sigma one is off by ~1e-3
+    ts = s.timesteps(25, "linspace_float")
+    assert (s.sigma_to_t(s.sigmas_at(ts), linear=True) - ts).abs().max() < 1e-9
+    assert (s.sigma_to_t(s.sigmas_at(ts)) - ts).abs().max() > 1e-4
 
 
 # ---- d) the Denoiser wrapper -----------------------------------------------------------------------------

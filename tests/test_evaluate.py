@@ -58,7 +58,8 @@ def test_evaluate_command_writes_report(tiny_pipeline_dir, tmp_path):
                "--seeds", "2", "--quick", "--heldout", "purple star"])
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["run"]["command"].startswith("latent-diffusion ") and results["run"]["device"] == "cpu"
+    assert results["run"]["command"].startswith("latent-diffusion evaluate --pipeline ")
+    assert results["run"]["command"].endswith("--heldout 'purple star'") and results["run"]["device"] == "cpu"
     assert set(results["samplers"]) == {"DPM-Solver++(2M) 20"}
     assert set(results["ablations"]) == {"prior + decoder", "text only", "true image embedding"}
     # the "prior + decoder" ablation is the same call as the setting it names: reused, not generated again

@@ -166,10 +166,10 @@ def test_image_variations_match_diffusers(unclip_img2img):
 
 
 @pytest.mark.parametrize("scheduler, options", [
-    ("EulerDiscreteScheduler", {}),  # linspace: fractional timesteps, start noise σ_max
+    ("EulerDiscreteScheduler", {}),  # linspace: fractional timesteps (5 steps), start noise σ_max
     ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),  # rounded timesteps on Karras sigmas
-    ("DDIMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0}),  # 4 steps divide T = 1000
+    ("DDIMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0}),  # 5 steps divide T = 1000
 ])
 def test_decoder_schedulers_match_diffusers(unclip_img2img, scheduler, options):
     """The decoder's scheduler config, converted, walks diffusers' chain: same images from the same generator."""
@@ -181,8 +181,9 @@ def test_decoder_schedulers_match_diffusers(unclip_img2img, scheduler, options):
     original = ref.scheduler
     ref.scheduler = new = getattr(diffusers, scheduler).from_config(original.config, **options)
     image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    steps = {**STEPS, "num_inference_steps": 5}
     try:
-        expected, _ = _run_diffusers(ref, 3, image=image, noise_level=50, **STEPS)
+        expected, _ = _run_diffusers(ref, 3, image=image, noise_level=50, **steps)
     finally:
         ref.scheduler = original
     raw = {"_class_name": scheduler, **new.config}  # what its scheduler_config.json holds
@@ -194,7 +195,7 @@ def test_decoder_schedulers_match_diffusers(unclip_img2img, scheduler, options):
     pipe = TextToImagePipeline.from_diffusers(folder)
     pipe.config = replace(pipe.config, decoder_sampling=sampling)
     out = pipe.image_variations(image, generator=torch.Generator().manual_seed(3), noise_level=50,
-                                output_type="np", progress=False, **STEPS)
+                                output_type="np", progress=False, **steps)
     assert np.abs(out.images - expected).max() < 2e-5
 
 
@@ -266,7 +267,8 @@ def test_scheduler_mapping():
     ours = NoiseSchedule(schedule_from_diffusers(dpm, "dpm")).timesteps(10, sampling.timestep_spacing,
                                                                          sampling.steps_offset)
     assert ours.tolist() == reference.timesteps.tolist()
-    for option in ({"solver_type": "heun"}, {"use_lu_lambdas": True}, {"use_exponential_sigmas": True}):
+    for option in ({"solver_type": "heun"}, {"use_lu_lambdas": True}, {"use_exponential_sigmas": True},
+                   {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}):
         with pytest.warns(UserWarning, match="replaced by our 'dpmpp_2m'"):
             sampling_from_diffusers({**dpm, **option}, "dpm")
     karlo = raw(diffusers.UnCLIPScheduler(clip_sample_range=5.0, prediction_type="sample"))

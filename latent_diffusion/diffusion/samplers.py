@@ -34,7 +34,8 @@ class Denoiser:
 
     With alpha = 1/sqrt(1 + sigma²) the VP sample is x_VP = alpha x (Karras et al. 2022, Table 1, c_in),
     with VP noise level sigma_VP = sigma alpha, and the network sees t = schedule.sigma_to_t(sigma)
-    (continuous; rounded when `quantize`, as diffusers does for Karras sigmas). `clip_denoised` clamps
+    (continuous; rounded when `quantize`, as diffusers does for Karras sigmas; interpolated in sigma rather than
+    log sigma with `linear_t`, as diffusers' Euler schedulers' fractional timesteps are). `clip_denoised` clamps
     x0 to ±value (the `clip_sample` of diffusers).
 
     `dtype` is the network's input dtype (None: x's). A half-precision model should still be sampled with a
@@ -44,20 +45,20 @@ class Denoiser:
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: NoiseSchedule,
                  prediction_type: PredictionType | None = None, clip_denoised: float | None = None,
-                 quantize: bool = False, dtype: torch.dtype | None = None):
+                 quantize: bool = False, dtype: torch.dtype | None = None, linear_t: bool = False):
         self.model = model
         self.schedule = schedule
         self.prediction_type = prediction_type or schedule.config.prediction_type
         _check_prediction_type(self.prediction_type)
         self.clip_denoised = clip_denoised
-        self.quantize = quantize
+        self.quantize, self.linear_t = quantize, linear_t
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """x: (B, ...) VE sample; sigma: (B,). Returns x0: (B, ...) in x's dtype."""
         # schedule maths in float64, on sigma's device (no host sync), or on the CPU for MPS (no float64)
         sigma = sigma.detach().to("cpu" if sigma.device.type == "mps" else sigma.device, torch.float64)
-        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(x.device, torch.float32)  # (B,)
+        t = self.schedule.sigma_to_t(sigma, self.quantize, self.linear_t).to(x.device, torch.float32)  # (B,)
         c_in = (1 + sigma**2).rsqrt().to(x.device)
         x_in = x * _append_dims(c_in, x).to(x.dtype)
         pred = self.model(x_in.to(self.dtype or x.dtype), t, **kwargs).to(x.dtype)

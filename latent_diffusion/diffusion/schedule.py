@@ -168,16 +168,20 @@ class NoiseSchedule:
         sigmas = self.sigmas.to(t.device)
         return (1 - w) * sigmas[lo] + w * sigmas[hi]
 
-    def sigma_to_t(self, sigma: torch.Tensor, quantize: bool = False) -> torch.Tensor:
+    def sigma_to_t(self, sigma: torch.Tensor, quantize: bool = False, linear: bool = False) -> torch.Tensor:
         """Continuous timestep of a VE sigma (any shape), interpolating linearly in log sigma between the
-        two neighbouring discrete levels (k-diffusion's `DiscreteSchedule.sigma_to_t`). Exact at the
-        discrete sigmas; `quantize` rounds to the nearest integer timestep. float64, same shape."""
+        two neighbouring discrete levels (k-diffusion's `DiscreteSchedule.sigma_to_t`), or with `linear` in sigma
+        itself (the exact inverse of `sigmas_at`: diffusers' Euler schedulers feed the network the fractional
+        timesteps whose sigmas they interpolate so). Exact at the discrete sigmas; `quantize` rounds to the
+        nearest integer timestep. float64, same shape."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-10).log()
         log_sigmas = self.log_sigmas.to(log_sigma.device)
         lo = torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1
         lo = lo.clamp(0, self.num_train_timesteps - 2).reshape(log_sigma.shape)
-        low, high = log_sigmas[lo], log_sigmas[lo + 1]
-        t = lo + ((log_sigma - low) / (high - low)).clamp(0, 1)
+        low, high, at = log_sigmas[lo], log_sigmas[lo + 1], log_sigma
+        if linear:
+            low, high, at = low.exp(), high.exp(), at.exp()
+        t = lo + ((at - low) / (high - low)).clamp(0, 1)
         return t.round() if quantize else t
 
     def karras_sigmas(self, n: int, sigma_min: float | None = None, sigma_max: float | None = None,

@@ -46,8 +46,8 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    # Stable Diffusion's VAEs overflow float16 in their decoders' last levels (diffusers' `force_upcast`): a
-    # pipeline in float16 runs such a VAE in float32.
+    # diffusers' `force_upcast` (on in converted configs): a pipeline in float16 runs such a VAE in float32, as
+    # diffusers' SDXL pipelines do (SDXL's VAE overflows float16; its Stable unCLIP pipelines do not upcast).
     force_upcast: bool = False
 
     def __post_init__(self) -> None:
