@@ -460,6 +460,8 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
     assert len(checkpoints) == 1 and checkpoints[0] >= 3, checkpoints
     assert not (out / "_work" / "vae" / "DONE").exists() and not (out / "vae").exists()
     step = checkpoints[0]
+    logged = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+    assert logged[-1] == step, logged  # the step it stopped at is logged too
     resume = [*cmd[:5], "--output-dir", str(out), "--max-steps", str(step + 1), "--resume", "latest"]
     resumed = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

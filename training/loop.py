@@ -424,15 +424,13 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             bar.update(1)
             done = step + 1
             late, interrupted = stop_flags(acc, deadline, interrupt, done) if done < stage.max_steps else (False, False)
-            if interrupted:
-                _stop_interrupted(stage, interrupt, done, start, bad_step, last_good, bar, ema, wrapped, optimizer,
-                                  scheduler, oc.checkpoint_limit)
             if late:
                 end = done
             saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
-            if done % oc.log_every == 0 or done == end or saving:  # (end: max_steps, or where the time ran out)
+            # (end: max_steps, or where the time ran out; an interrupted step is logged before the run stops)
+            logging_now = done % oc.log_every == 0 or done == end or interrupted
+            if logging_now or saving:
                 _stop_if_not_finite(stage, bad_step, last_good, bar)
-            logging_now = done % oc.log_every == 0 or done == end
             if logging_now and logs:  # each process's parts of the loss cover its slice: average them
                 values = torch.stack([v.to(acc.device) for v in logs.values()])
                 logs = dict(zip(logs, (acc.reduce(values, reduction="mean") if world > 1 else values).tolist()))
@@ -449,6 +447,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                         if key != "step":
                             board.add_scalar(f"{stage.name}/{key}", value, done)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if interrupted:
+                _stop_interrupted(stage, interrupt, done, start, bad_step, last_good, bar, ema, wrapped, optimizer,
+                                  scheduler, oc.checkpoint_limit)
             if done == end < stage.max_steps:
                 stage.print(f"{stage.name}: stopping at step {done} of {stage.max_steps}: the time limit of "
                             f"{oc.max_minutes} min (optim.max_minutes) is reached")
