@@ -18,7 +18,11 @@ from latent_diffusion.models import (
     UNetConfig,
 )
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture()
+def diffusers():
+    """The reference implementation; only the tests that compare with it skip without it."""
+    return pytest.importorskip("diffusers")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,7 +49,7 @@ VAE_CASES = [
 
 
 @pytest.mark.parametrize("cfg", VAE_CASES)
-def test_autoencoder_matches_diffusers(tmp_path, cfg):
+def test_autoencoder_matches_diffusers(tmp_path, cfg, diffusers):
     torch.manual_seed(0)
     n = len(cfg["block_out_channels"])
     ref = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * n,
@@ -66,7 +70,7 @@ def test_autoencoder_matches_diffusers(tmp_path, cfg):
         assert rel_err(ours.decode(z), ref.decode(z).sample) < 1e-4
 
 
-def test_autoencoder_old_attention_keys_and_pickle_refused(tmp_path):
+def test_autoencoder_old_attention_keys_and_pickle_refused(tmp_path, diffusers):
     ref = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2,
                                   up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
                                   norm_num_groups=4).eval()
@@ -116,7 +120,7 @@ UNET_CASES = {
 
 
 @pytest.mark.parametrize("name", list(UNET_CASES))
-def test_unet_matches_diffusers(tmp_path, name):
+def test_unet_matches_diffusers(tmp_path, name, diffusers):
     cfg = UNET_CASES[name]
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**cfg).eval()
@@ -141,7 +145,7 @@ def test_unet_matches_diffusers(tmp_path, name):
             assert rel_err(ours(x, t[:1], ctx[:1]), ref(x, t[:1], ctx[:1]).sample) < 1e-4
 
 
-def test_autoencoder_from_diffusers_refuses_per_channel_latent_statistics(tmp_path):
+def test_autoencoder_from_diffusers_refuses_per_channel_latent_statistics(tmp_path, diffusers):
     """A VAE whose latents are normalised per channel (latents_mean / latents_std) would load with the wrong
     latent scale: refused by name."""
     ref = diffusers.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
@@ -152,7 +156,7 @@ def test_autoencoder_from_diffusers_refuses_per_channel_latent_statistics(tmp_pa
         AutoencoderKL.from_diffusers(tmp_path)
 
 
-def test_unet_from_diffusers_refuses_unsupported(tmp_path):
+def test_unet_from_diffusers_refuses_unsupported(tmp_path, diffusers):
     cfg = dict(UNET_CASES["sd15-like"])
     ref = diffusers.UNet2DConditionModel(**cfg, resnet_time_scale_shift="scale_shift")
     ref.save_pretrained(tmp_path)
