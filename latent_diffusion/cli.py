@@ -167,6 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     if args.lora_scale is not None and not args.lora:
         raise ValueError("--lora-scale needs --lora (a LoRA folder to scale)")
+    if args.lora_scale is not None and not abs(args.lora_scale) < float("inf"):
+        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     for flag in ("num_images", "steps", "prior_steps"):  # before the pipeline loads, named as typed
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

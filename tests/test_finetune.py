@@ -207,7 +207,7 @@ def test_resume_names_changed_settings_and_refuses_another_base(tiny_pipeline_di
         run_in_process(*common, "--max-steps", "3", "--resume", "latest", "--components", "decoder,prior")
     other = tmp_path / "other-base"
     shutil.copytree(tiny_pipeline_dir, other)
-    with pytest.raises(ValueError, match="--resume continues the fine-tune of .* but --pipeline is .*other-base"):
+    with pytest.raises(ValueError, match="checkpoint-2: it continues a run on .*, but this run's base is .*other-base"):
         run_in_process(*[str(other) if a == str(tiny_pipeline_dir) else a for a in common], "--max-steps", "3",
                        "--resume", "latest")
 
@@ -471,6 +471,26 @@ def test_gradient_checkpointing_without_the_decoder_is_refused(tiny_pipeline_dir
         run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
                        "prior", "--max-steps", "1", "--optim.gradient_checkpointing", "true", "--output-dir",
                        str(tmp_path), *FAST)
+
+
+def test_unreadable_images_with_workers_end_in_one_error_line(tiny_pipeline_dir, tmp_path):
+    """Every image unreadable, read by DataLoader workers (which ignore SIGTERM): one `error:` line and exit 2,
+    not the worker's traceback and a process that waits for its workers forever."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"not a png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a red circle"})
+                                                   + "\n" for i in range(4)))
+    result = subprocess.run([sys.executable, "-m", "training.finetune", "--pipeline", str(tiny_pipeline_dir),
+                             "--train-data-dir", str(folder), "--max-steps", "2", "--optim.num_workers", "2",
+                             "--validation_images", "0", "--output-dir", str(tmp_path / "out"), "--batch-size", "2"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: none of the 4 images can be read (see the warnings from 'latent_diffusion.data'): "
+                      "check the image paths and the image column"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_fp16_on_a_cpu_is_refused_before_any_model_loads(tiny_pipeline_dir, imagefolder, tmp_path):

@@ -268,6 +268,25 @@ def test_ema_follows_the_warmed_up_recursion():
         assert ema.shadow["num_batches_tracked"].item() == 30
 
 
+def test_ema_of_the_trained_parameters_only():
+    """`trained_only` (LoRA): the average holds the parameters that require grad, and copying it back leaves the
+    frozen ones as they are."""
+    from training.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    ema = EMA(model, 0.5, trained_only=True)
+    assert set(ema.shadow) == {"1.weight", "1.bias"}
+    frozen = model[0].weight.detach().clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    ema.copy_to(model)
+    assert torch.equal(model[0].weight, frozen + 1)  # untouched by the copy
+    assert torch.equal(model[1].weight, ema.shadow["1.weight"])  # the trained ones get the average
+
+
 def test_resumed_ema_stays_on_the_models_device():
     """Checkpoints load on the CPU; a resumed EMA must average on the model's device (a GPU run failed here).
     The meta device stands in for a second device on a CPU-only machine."""

@@ -51,6 +51,8 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     state: dict[str, Any] = {"step": step}
+    if stage.base is not None:
+        state["base"] = stage.base
     if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
         weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
         optim_state = sharding.optimizer_state(model, optimizer)
@@ -86,27 +88,33 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
     return final
 
 
-def _trained_names(model: torch.nn.Module) -> set[str]:
-    return {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+def _plain(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)."""
+    return name.removeprefix("module.").replace("_orig_mod.", "")
+
+
+def _trained(model: torch.nn.Module) -> set[str]:
+    return {_plain(name) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _keep_trained(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
     """Accelerate save-state hook: drop every frozen tensor from the state dicts about to be written."""
     for model, state in zip(models, weights):
-        trained = _trained_names(model)
-        for key in [k for k in state if k.removeprefix("module.") not in trained]:
+        trained = _trained(model)
+        for key in [k for k in state if _plain(k) not in trained]:
             del state[key]
 
 
 def _check_trained(checkpoint: Path, model: torch.nn.Module) -> None:
-    """A trained-only checkpoint must hold exactly the parameters this run trains (strict loading cannot tell)."""
+    """A trained-only checkpoint must hold every parameter this run trains, and otherwise only frozen ones (a
+    checkpoint written in full has the frozen base too); strict loading cannot tell."""
     from safetensors import safe_open
 
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-        saved = {k.removeprefix("module.") for k in f.keys()}
-    trained = _trained_names(model)
-    if saved != trained:
-        extra, missing = sorted(saved - trained), sorted(trained - saved)
+        saved = {_plain(k) for k in f.keys()}
+    trained, every = _trained(model), {_plain(k) for k in model.state_dict()}
+    if not trained <= saved <= every:
+        extra, missing = sorted(saved - every), sorted(trained - saved)
         raise ValueError(f"--resume {checkpoint}: the checkpoint trained other parameters than this run (only in the "
                          f"checkpoint: {extra[:3]}{' ...' if len(extra) > 3 else ''} ({len(extra)}); only in this run: "
                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})); resume with the "
@@ -122,6 +130,9 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
         raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
                          f"optimizer state has another layout: resume {written} --fsdp")
+    if stage.base is not None and state.get("base", stage.base) != stage.base:
+        raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base is "
+                         f"{stage.base}: resume with --pipeline {state['base']}, or start a new --output-dir")
     # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
     has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
     ema_state = load_safetensors(checkpoint / "ema.safetensors") if ema is not None and has_ema else None

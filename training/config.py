@@ -346,7 +346,10 @@ def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its own last line says what happened
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     import torch.distributed as dist
 

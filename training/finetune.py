@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -181,7 +182,7 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ValueError("give the training images: --train-data-dir FOLDER or --dataset-name NAME (one of them)")
     lora = cfg.lora
     if cfg.method == "lora":
-        if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        if lora.rank < 1 or not 0 < lora.alpha < math.inf or not 0 <= lora.dropout < 1:
             raise ValueError(f"LoRA settings rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}: the rank "
                              "must be >= 1, alpha > 0 (the update is scaled by alpha / rank) and dropout in [0, 1)")
     elif lora != LoraSettings():
@@ -213,18 +214,13 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
-    previous = Path(args.output_dir) / "config.yaml"
-    if args.resume and previous.is_file():  # the checkpoints hold the earlier base's frozen weights
-        base = (yaml.safe_load(previous.read_text()) or {}).get("pipeline")
-        if base is not None and Path(base).resolve() != Path(cfg.pipeline).resolve():
-            raise ValueError(f"--resume continues the fine-tune of {base} in {args.output_dir}, but --pipeline is "
-                             f"{cfg.pipeline}: resume with --pipeline {base}, or start a new --output-dir")
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
                         find_unused_parameters=cfg.method == "full" and "text_encoder" in cfg.components)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
-    stage.trained_only = cfg.method == "lora"  # checkpoints hold the adapters; the frozen base is --pipeline's
+    # LoRA checkpoints hold the adapters: the frozen base is --pipeline's, which resuming checks
+    stage.trained_only, stage.base = cfg.method == "lora", str(Path(cfg.pipeline).resolve())
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
@@ -234,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
-    names = list(cfg.components)
+    names = [c for c in COMPONENTS if c in cfg.components]  # one order whatever the typed one: checkpoints match
     missing = [c for c in names if c != "vae_decoder" and getattr(pipe, c, None) is None]
     if missing:
         raise ValueError(f"--components {','.join(names)}: the pipeline {cfg.pipeline} has no {missing}")
@@ -376,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             validate(model, 0)
     acc.wait_for_everyone()
-    final = fit(stage, model, dataset, loss_fn, oc, validate=validate, params=trainable)
+    final = fit(stage, model, dataset, loss_fn, oc, validate=validate if cfg.validation_images else None,
+                params=trainable)
 
     # Each process counts the unreadable images it met (the same file may be met by several).
     per_process = gather_object([getattr(dataset, "skipped", 0)])

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class Stage:
     resume: str | None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
     trained_only: bool = False  # checkpoints hold the trained parameters only (LoRA: the frozen base is elsewhere)
+    base: str | None = None  # the resolved folder the frozen base comes from, recorded in checkpoints and checked
     pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
 
     @property
@@ -118,9 +119,15 @@ class Stage:
         path = self.output_dir / "config.yaml"
         new = config_to_yaml(self.config)
         if start > 0 and path.is_file() and path.read_text() != new:
-            changed = changed_settings(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(new))
+            # (a longer max_steps is how a finished run is continued: not worth a note)
+            changed = [c for c in changed_settings(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(new))
+                       if not c.split(":")[0].endswith("max_steps")]
             if changed:
                 kept = self.work_dir / f"config-before-step-{start}.yaml"
+                n = 1
+                while kept.exists():  # never over an earlier record (a resume that failed at this step, say)
+                    n += 1
+                    kept = self.work_dir / f"config-before-step-{start}-{n}.yaml"
                 shutil.copyfile(path, kept)
                 shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
                 self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
@@ -356,7 +363,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         wrapped = model
     else:
         wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    ema = EMA(acc.unwrap_model(wrapped), oc.ema_decay) if oc.ema_decay else None
+    ema = EMA(acc.unwrap_model(wrapped), oc.ema_decay, stage.trained_only) if oc.ema_decay else None
 
     start = 0
     checkpoint = resolve_resume(stage)
@@ -385,7 +392,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     bad_step = torch.full((), -1, device=acc.device)
     deadline = t0 + 60 * oc.max_minutes if oc.max_minutes else None
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
-    with Interrupt(stage.name) as interrupt:  # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
+    # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
+    with Interrupt(stage.name) as interrupt, _workers_stopped_on_error(batches):
         for step in range(start, stage.max_steps):
             logs: dict[str, torch.Tensor] = {}
             total = torch.zeros((), device=acc.device)
@@ -538,6 +546,19 @@ def stop_flags(acc: Accelerator, deadline: float | None, interrupt: Interrupt, s
     return bool(flags[0]), bool(flags[1])
 
 
+@contextmanager
+def _workers_stopped_on_error(batches: Any) -> Iterator[None]:
+    """Shut a DataLoader iterator's workers down when the loop raises: they ignore SIGTERM (`_ignore_stop_signals`),
+    so Python's exit would otherwise wait for them forever."""
+    try:
+        yield
+    except BaseException:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        raise
+
+
 def _stop_interrupted(stage: Stage, interrupt: Interrupt, done: int, start: int, bad_step: torch.Tensor,
                       last_good: Path | None, bar: Any, ema: EMA | None, wrapped: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, scheduler: Any, limit: int) -> None:
@@ -610,8 +631,8 @@ def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, val
             model = sharding.unsharded_copy(wrapped, state, acc.device)
     elif acc.is_main_process:
         model = acc.unwrap_model(wrapped)
-        if ema is not None:
-            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if ema is not None:  # (only what the EMA replaces)
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in ema.shadow}
             ema.copy_to(model)
     if model is not None:
         was_training = model.training
@@ -620,7 +641,7 @@ def _run_validation(stage: Stage, wrapped: torch.nn.Module, ema: EMA | None, val
             result = validate(model, step) or {}
         model.train(was_training)
         if backup is not None:
-            model.load_state_dict(backup)
+            model.load_state_dict(backup, strict=False)
         if result:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "validation": result}) + "\n")
