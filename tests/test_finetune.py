@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import CAPTIONS, free_port
 
@@ -205,11 +205,16 @@ def test_resume_names_changed_settings_and_refuses_another_base(tiny_pipeline_di
     assert saved and all(".lora_" in k for k in saved)
     with pytest.raises(ValueError, match=r"--resume .*checkpoint-2: the checkpoint trained other parameters"):
         run_in_process(*common, "--max-steps", "3", "--resume", "latest", "--components", "decoder,prior")
+    # the base may move (a byte-identical copy resumes), but not change
     other = tmp_path / "other-base"
     shutil.copytree(tiny_pipeline_dir, other)
-    with pytest.raises(ValueError, match="checkpoint-2: it continues a run on .*, but this run's base is .*other-base"):
-        run_in_process(*[str(other) if a == str(tiny_pipeline_dir) else a for a in common], "--max-steps", "3",
-                       "--resume", "latest")
+    elsewhere = [str(other) if a == str(tiny_pipeline_dir) else a for a in common]
+    run_in_process(*elsewhere, "--max-steps", "3", "--resume", "latest")
+    weights = load_file(str(other / "decoder" / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "decoder" / "model.safetensors"))  # retrained
+    with pytest.raises(ValueError, match="checkpoint-3: it continues a run on .*, but this run's base .*other-base "
+                                         "holds other files"):
+        run_in_process(*elsewhere, "--max-steps", "4", "--resume", "latest")
 
 
 def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefolder, tmp_path):
@@ -364,6 +369,12 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
         run_in_process(*args, "--train-data-dir", str(folder), "--data.image_size", "15")
     with pytest.raises(ValueError, match=r"validation_images must be >= 0"):
         run_in_process(*args, "--train-data-dir", str(folder), "--validation_images", "-1")
+    old = tmp_path / "old-run"  # a run from before components had one order: its optimizer state cannot follow
+    old.mkdir()
+    (old / "config.yaml").write_text("components: [prior, decoder]\n")
+    with pytest.raises(ValueError, match=r"trained --components prior,decoder in that order"):
+        run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(folder), "--output-dir",
+                       str(old), "--resume", "latest")
 
 
 def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path, capsys):

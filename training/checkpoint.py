@@ -52,7 +52,7 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
     acc.wait_for_everyone()
     state: dict[str, Any] = {"step": step}
     if stage.base is not None:
-        state["base"] = stage.base
+        state["base"], state["base_fingerprint"] = str(stage.base), folder_fingerprint(stage.base)
     if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
         weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
         optim_state = sharding.optimizer_state(model, optimizer)
@@ -86,6 +86,30 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """A cheap content fingerprint of a model folder, the same for a copy or a move, another for other weights:
+    every JSON file whole, and of each safetensors file its size, header and 64 KiB from its middle and end."""
+    import hashlib
+
+    folder, digest = Path(folder), hashlib.sha256()
+    files = (p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
+             and "_work" not in p.relative_to(folder).parts)  # (a training folder's checkpoints are not the model)
+    for path in sorted(files):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+            continue
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(size.to_bytes(8, "little") + head + f.read(min(header, 1 << 24)))
+            for offset in (size // 2, max(0, size - (1 << 16))):
+                f.seek(offset)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()
 
 
 def _plain(name: str) -> str:
@@ -130,9 +154,10 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
         raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
                          f"optimizer state has another layout: resume {written} --fsdp")
-    if stage.base is not None and state.get("base", stage.base) != stage.base:
-        raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base is "
-                         f"{stage.base}: resume with --pipeline {state['base']}, or start a new --output-dir")
+    recorded = state.get("base_fingerprint")
+    if stage.base is not None and recorded is not None and recorded != folder_fingerprint(stage.base):
+        raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base "
+                         f"{stage.base} holds other files: resume with that pipeline, or start a new --output-dir")
     # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
     has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
     ema_state = load_safetensors(checkpoint / "ema.safetensors") if ema is not None and has_ema else None

@@ -347,8 +347,11 @@ def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
         message = str(error)
-        if "Original Traceback" in message:  # raised in a DataLoader worker: its own last line says what happened
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own text
+            lines, prefix = message.strip().splitlines(), f"{type(error).__name__}: "
+            at = max((i for i, line in enumerate(lines) if line.startswith(prefix)), default=None)
+            if at is not None:
+                message = "\n".join(lines[at:])[len(prefix):]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     import torch.distributed as dist

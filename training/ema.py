@@ -50,6 +50,9 @@ class EMA:
         return {"step": self.step, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.shadow) - set(state["shadow"]))
+        if missing:
+            raise ValueError(f"the saved EMA lacks {len(missing)} of the averaged weights, e.g. {missing[:3]}")
         self.step = int(state["step"])  # checkpoints load on the CPU: keep each average where the model is
         # (an average over the whole model, from before `trained_only`, gives its trained entries)
         self.shadow = {k: v.to(self.shadow[k].device, torch.float32) for k, v in state["shadow"].items()

@@ -160,7 +160,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> FinetuneCo
     data = apply_overrides(data, list(overrides), cls=FinetuneConfig)
     cfg = config_from_dict(FinetuneConfig, data, source=str(args.config or "finetune config"))
     _check(cfg)
-    return cfg
+    # one order whatever the typed one, so that checkpoints (the optimizer's state is by position) match
+    return dataclasses.replace(cfg, components=tuple(c for c in COMPONENTS if c in cfg.components))
 
 
 def _check(cfg: FinetuneConfig) -> None:
@@ -214,13 +215,20 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
+    previous = Path(args.output_dir) / "config.yaml"
+    if args.resume and previous.is_file():  # a run from before the order was fixed: its optimizer state is in its own
+        recorded = list((yaml.safe_load(previous.read_text()) or {}).get("components") or [])
+        if recorded != [c for c in COMPONENTS if c in recorded]:
+            raise ValueError(f"{args.output_dir} trained --components {','.join(recorded)} in that order, which its "
+                             "checkpoints' optimizer state follows; runs now train them in the order "
+                             f"{','.join(c for c in COMPONENTS if c in recorded)}: start a new --output-dir")
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
                         find_unused_parameters=cfg.method == "full" and "text_encoder" in cfg.components)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
     # LoRA checkpoints hold the adapters: the frozen base is --pipeline's, which resuming checks
-    stage.trained_only, stage.base = cfg.method == "lora", str(Path(cfg.pipeline).resolve())
+    stage.trained_only, stage.base = cfg.method == "lora", Path(cfg.pipeline).resolve()
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
-    names = [c for c in COMPONENTS if c in cfg.components]  # one order whatever the typed one: checkpoints match
+    names = list(cfg.components)
     missing = [c for c in names if c != "vae_decoder" and getattr(pipe, c, None) is None]
     if missing:
         raise ValueError(f"--components {','.join(names)}: the pipeline {cfg.pipeline} has no {missing}")

@@ -68,7 +68,7 @@ class Stage:
     resume: str | None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
     trained_only: bool = False  # checkpoints hold the trained parameters only (LoRA: the frozen base is elsewhere)
-    base: str | None = None  # the resolved folder the frozen base comes from, recorded in checkpoints and checked
+    base: Path | None = None  # the folder the frozen base comes from: checkpoints record its fingerprint, checked
     pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
 
     @property
@@ -466,6 +466,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
             if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
                 _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
+    _shutdown_workers(batches)  # done with the data: no idle workers through the final save and validation
     stage.pending_signal = interrupt.signal_name  # (met past the last check: the stage finishes, then stops)
     bar.close()
     if board is not None:
@@ -553,10 +554,14 @@ def _workers_stopped_on_error(batches: Any) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        _shutdown_workers(batches)
         raise
+
+
+def _shutdown_workers(batches: Any) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)  # (a single-process iterator has none)
+    if shutdown is not None:
+        shutdown()
 
 
 def _stop_interrupted(stage: Stage, interrupt: Interrupt, done: int, start: int, bad_step: torch.Tensor,

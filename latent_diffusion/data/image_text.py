@@ -124,7 +124,8 @@ def _count_blank(data: Any, column: str) -> int:
     import pyarrow.compute as pc
 
     cells = data.select_columns([column]).data.column(column)
-    if pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type):
+    plain = getattr(data, "_indices", None) is None  # (after select/shuffle the table holds other rows too)
+    if plain and (pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type)):
         lengths = pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(cells)), 0)
         return int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
     return sum(not _has_text(v) for v in data.select_columns([column])[column])
@@ -412,7 +413,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         out: list[str] = []
         for value in self._data.select_columns([self.caption_column])[self.caption_column]:
             values = value if isinstance(value, (list, tuple)) else [value]
-            out.extend(str(v) for v in values if v is not None and str(v) != "")
+            out.extend(str(v) for v in values if v is not None and str(v).strip())
         return out
 
     def log_summary(self) -> None:
