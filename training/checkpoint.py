@@ -51,8 +51,10 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     state: dict[str, Any] = {"step": step}
+    if model is not None:
+        state["params"] = _order_digest(model)
     if stage.base is not None:
-        state["base"], state["base_fingerprint"] = str(stage.base), folder_fingerprint(stage.base)
+        state["base"], state["base_fingerprint"] = str(stage.base), stage.base_fingerprint
     if stage.fsdp:  # gather on every rank (collective), keep and write on rank 0
         weights = sharding.full_tensors(model.state_dict(), keep=acc.is_main_process)
         optim_state = sharding.optimizer_state(model, optimizer)
@@ -88,28 +90,43 @@ def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None,
     return final
 
 
-def folder_fingerprint(folder: str | Path) -> str:
-    """A cheap content fingerprint of a model folder, the same for a copy or a move, another for other weights:
-    every JSON file whole, and of each safetensors file its size, header and 64 KiB from its middle and end."""
+def pipeline_fingerprint(folder: str | Path) -> str:
+    """A content fingerprint of a pipeline folder as `from_pretrained` reads it (`model_index.json` and the files
+    of each component it lists, links followed): the same for a copy or a move, another for other weights. Of a
+    safetensors file it hashes the size, the header and the first 4 KiB of every tensor."""
     import hashlib
 
     folder, digest = Path(folder), hashlib.sha256()
-    files = (p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
-             and "_work" not in p.relative_to(folder).parts)  # (a training folder's checkpoints are not the model)
-    for path in sorted(files):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.suffix == ".json":
-            digest.update(path.read_bytes())
-            continue
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header = int.from_bytes(head, "little") if len(head) == 8 else 0
-            digest.update(size.to_bytes(8, "little") + head + f.read(min(header, 1 << 24)))
-            for offset in (size // 2, max(0, size - (1 << 16))):
-                f.seek(offset)
-                digest.update(f.read(1 << 16))
+    index = folder / "model_index.json"
+    digest.update(index.read_bytes())
+    for component in sorted(json.loads(index.read_text()).get("components", {})):
+        part = folder / component
+        for path in sorted(p for p in part.iterdir() if p.is_file()) if part.is_dir() else []:
+            digest.update(f"{component}/{path.name}".encode())
+            if path.suffix != ".safetensors":
+                digest.update(path.read_bytes())
+                continue
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = f.read(size)
+                digest.update(path.stat().st_size.to_bytes(8, "little") + header)
+                try:
+                    tensors = json.loads(header)
+                except ValueError:  # damaged: loading will name it
+                    continue
+                for name in sorted(k for k in tensors if k != "__metadata__"):
+                    begin, stop = tensors[name]["data_offsets"]
+                    f.seek(8 + size + begin)
+                    digest.update(f.read(min(4096, stop - begin)))
     return digest.hexdigest()
+
+
+def _order_digest(model: torch.nn.Module) -> str:
+    """The trained parameters' names in order: the optimizer's state follows it by position."""
+    import hashlib
+
+    names = [_plain(name) for name, p in model.named_parameters() if p.requires_grad]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 def _plain(name: str) -> str:
@@ -154,10 +171,19 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
         written, asked = ("with", "without") if state.get("fsdp") else ("without", "with")
         raise ValueError(f"--resume {checkpoint}: written by a run {written} --fsdp, resumed {asked} it; its "
                          f"optimizer state has another layout: resume {written} --fsdp")
-    recorded = state.get("base_fingerprint")
-    if stage.base is not None and recorded is not None and recorded != folder_fingerprint(stage.base):
-        raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base "
-                         f"{stage.base} holds other files: resume with that pipeline, or start a new --output-dir")
+    if stage.base is not None and "base" in state:  # the fingerprint (a move or copy resumes), else the path
+        same = state["base_fingerprint"] == stage.base_fingerprint if "base_fingerprint" in state \
+            else state["base"] == str(stage.base)
+        if not same:
+            raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base "
+                             f"{stage.base} holds other files: resume with that pipeline, or start a new --output-dir")
+    # (fine-tuning, whose trained parameters depend on its settings; the stages' model changes are named below)
+    if stage.base is not None and "params" in state and state["params"] != _order_digest(model):
+        raise ValueError(f"--resume {checkpoint}: the checkpoint trained other parameters, or in another order, than "
+                         "this run: resume with the earlier run's settings (components, LoRA layers), or start a new "
+                         "--output-dir")
+    if "params" not in state and stage.check_legacy is not None:
+        stage.check_legacy(checkpoint)
     # EMA switched on at resume (the checkpoint has none): it starts from the resumed weights, below
     has_ema = (checkpoint / "ema.safetensors").is_file() and "ema_step" in state
     ema_state = load_safetensors(checkpoint / "ema.safetensors") if ema is not None and has_ema else None

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -348,10 +349,10 @@ def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
             raise
         message = str(error)
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own text
-            lines, prefix = message.strip().splitlines(), f"{type(error).__name__}: "
-            at = max((i for i, line in enumerate(lines) if line.startswith(prefix)), default=None)
-            if at is not None:
-                message = "\n".join(lines[at:])[len(prefix):]
+            lines = message.strip().splitlines()
+            own = re.compile(rf"^(?:[\w.]+\.)?{type(error).__name__}: ")  # (qualified outside builtins)
+            at = max((i for i, line in enumerate(lines) if own.match(line)), default=len(lines) - 1)
+            message = own.sub("", "\n".join(lines[at:]), count=1)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     import torch.distributed as dist

@@ -47,6 +47,7 @@ from latent_diffusion.lora import LORA_COMPONENTS, add_lora, save_lora
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
+from training.checkpoint import pipeline_fingerprint
 from training.common import build_dataset, dataset_captions, decoder_loss
 from training.config import FinetuneConfig, LoraSettings, apply_overrides, positive_int, run_from_command_line
 from training.loop import StepRandom, fit, setup_stage
@@ -199,6 +200,18 @@ def _check(cfg: FinetuneConfig) -> None:
                              f"{factor}")
 
 
+def _typed_order_refused(checkpoint: Path) -> None:
+    """A checkpoint from before components trained in one order holds its optimizer state in the order its run
+    typed them (recorded in that run's config.yaml): refused unless that was the order used now."""
+    recorded = yaml.safe_load((checkpoint.parents[2] / "config.yaml").read_text()) \
+        if (checkpoint.parents[2] / "config.yaml").is_file() else None
+    components = recorded.get("components") if isinstance(recorded, dict) else None
+    if isinstance(components, list) and components != [c for c in COMPONENTS if c in components]:
+        raise ValueError(f"--resume {checkpoint}: its run trained --components {','.join(components)} in that order, "
+                         "which its optimizer state follows; runs now train them in the order "
+                         f"{','.join(c for c in COMPONENTS if c in components)}: start a new --output-dir")
+
+
 def _cast_frozen(modules: list[nn.Module], dtype: torch.dtype) -> None:
     """Store the frozen parameters in `dtype` (memory); trained ones stay fp32, buffers keep their precision."""
     for module in modules:
@@ -215,13 +228,6 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
-    previous = Path(args.output_dir) / "config.yaml"
-    if args.resume and previous.is_file():  # a run from before the order was fixed: its optimizer state is in its own
-        recorded = list((yaml.safe_load(previous.read_text()) or {}).get("components") or [])
-        if recorded != [c for c in COMPONENTS if c in recorded]:
-            raise ValueError(f"{args.output_dir} trained --components {','.join(recorded)} in that order, which its "
-                             "checkpoints' optimizer state follows; runs now train them in the order "
-                             f"{','.join(c for c in COMPONENTS if c in recorded)}: start a new --output-dir")
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
     # LoRA checkpoints hold the adapters: the frozen base is --pipeline's, which resuming checks
     stage.trained_only, stage.base = cfg.method == "lora", Path(cfg.pipeline).resolve()
+    stage.base_fingerprint, stage.check_legacy = pipeline_fingerprint(stage.base), _typed_order_refused
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")

@@ -69,6 +69,8 @@ class Stage:
     fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
     trained_only: bool = False  # checkpoints hold the trained parameters only (LoRA: the frozen base is elsewhere)
     base: Path | None = None  # the folder the frozen base comes from: checkpoints record its fingerprint, checked
+    base_fingerprint: str | None = None  # checkpoint.pipeline_fingerprint(base), taken when the base was loaded
+    check_legacy: Callable[[Path], None] | None = None  # checks a checkpoint from before parameter orders were saved
     pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
 
     @property
