@@ -362,22 +362,18 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
         run_in_process(*args, "--train-data-dir", str(folder))
     with pytest.raises(ValueError, match=r"--train-data-dir FOLDER or --dataset-name"):
         run_in_process(*args)
-    with pytest.raises(ValueError, match=r"--components decoder,vae: give distinct names from"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae")
-    with pytest.raises(ValueError, match=r"--components vae_decoder needs --method full \(got lora\)"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--components", "decoder,vae_decoder")
-    with pytest.raises(ValueError, match=r"unknown config key '--lora.rnak'"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--lora.rnak", "4")
-    with pytest.raises(ValueError, match=r"--components : give distinct names"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--components", "")
-    with pytest.raises(ValueError, match=r"alpha=0.0.*alpha > 0"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--alpha", "0")
-    with pytest.raises(ValueError, match=r"dropout=1.5.*dropout in \[0, 1\)"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--lora.dropout", "1.5")
-    with pytest.raises(ValueError, match=r"--data.image_size 15: the pipeline's VAE needs a multiple of 2"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--data.image_size", "15")
-    with pytest.raises(ValueError, match=r"validation_images must be >= 0"):
-        run_in_process(*args, "--train-data-dir", str(folder), "--validation_images", "-1")
+    for flags, message in [
+        (["--components", "decoder,vae"], r"--components decoder,vae: give distinct names from"),
+        (["--components", "decoder,vae_decoder"], r"--components vae_decoder needs --method full \(got lora\)"),
+        (["--lora.rnak", "4"], r"unknown config key '--lora.rnak'"),
+        (["--components", ""], r"--components : give distinct names"),
+        (["--alpha", "0"], r"alpha=0.0.*alpha > 0"),
+        (["--lora.dropout", "1.5"], r"dropout=1.5.*dropout in \[0, 1\)"),
+        (["--data.image_size", "15"], r"--data.image_size 15: the pipeline's VAE needs a multiple of 2"),
+        (["--validation_images", "-1"], r"validation_images must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run_in_process(*args, "--train-data-dir", str(folder), *flags)
 
 
 def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path, capsys):

@@ -125,8 +125,7 @@ def _order_digest(model: torch.nn.Module) -> str:
     """The trained parameters' names in order: the optimizer's state follows it by position."""
     import hashlib
 
-    names = [_plain(name) for name, p in model.named_parameters() if p.requires_grad]
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return hashlib.sha256("\n".join(_trained(model)).encode()).hexdigest()
 
 
 def _plain(name: str) -> str:
@@ -134,14 +133,15 @@ def _plain(name: str) -> str:
     return name.removeprefix("module.").replace("_orig_mod.", "")
 
 
-def _trained(model: torch.nn.Module) -> set[str]:
-    return {_plain(name) for name, p in model.named_parameters() if p.requires_grad}
+def _trained(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that require grad, in the model's (the optimizer's) order."""
+    return [_plain(name) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _keep_trained(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
     """Accelerate save-state hook: drop every frozen tensor from the state dicts about to be written."""
     for model, state in zip(models, weights):
-        trained = _trained(model)
+        trained = set(_trained(model))
         for key in [k for k in state if _plain(k) not in trained]:
             del state[key]
 
@@ -153,7 +153,7 @@ def _check_trained(checkpoint: Path, model: torch.nn.Module) -> None:
 
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
         saved = {_plain(k) for k in f.keys()}
-    trained, every = _trained(model), {_plain(k) for k in model.state_dict()}
+    trained, every = set(_trained(model)), {_plain(k) for k in model.state_dict()}
     if not trained <= saved <= every:
         extra, missing = sorted(saved - every), sorted(trained - saved)
         raise ValueError(f"--resume {checkpoint}: the checkpoint trained other parameters than this run (only in the "

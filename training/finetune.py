@@ -44,6 +44,7 @@ from torch import nn
 from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from latent_diffusion.io import config_from_dict, read_json
 from latent_diffusion.lora import LORA_COMPONENTS, add_lora, save_lora
+from latent_diffusion.models import AutoencoderKLConfig
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
@@ -194,7 +195,7 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ValueError(f"validation_images must be >= 0 (0: no validation grids), got {cfg.validation_images}")
     vae_config = Path(cfg.pipeline) / "vae" / "config.json"
     if vae_config.is_file():
-        factor = 2 ** (len(read_json(vae_config).get("channels", [0])) - 1)
+        factor = config_from_dict(AutoencoderKLConfig, read_json(vae_config), source=str(vae_config)).downsample_factor
         if cfg.data.image_size % factor:
             raise ValueError(f"--data.image_size {cfg.data.image_size}: the pipeline's VAE needs a multiple of "
                              f"{factor}")

@@ -178,9 +178,11 @@ class NoiseSchedule:
         log_sigmas = self.log_sigmas.to(log_sigma.device)
         lo = torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1
         lo = lo.clamp(0, self.num_train_timesteps - 2).reshape(log_sigma.shape)
-        low, high, at = log_sigmas[lo], log_sigmas[lo + 1], log_sigma
         if linear:
-            low, high, at = low.exp(), high.exp(), at.exp()
+            sigmas = self.sigmas.to(log_sigma.device)
+            low, high, at = sigmas[lo], sigmas[lo + 1], log_sigma.exp()
+        else:
+            low, high, at = log_sigmas[lo], log_sigmas[lo + 1], log_sigma
         t = lo + ((at - low) / (high - low)).clamp(0, 1)
         return t.round() if quantize else t
 
