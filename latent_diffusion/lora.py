@@ -13,12 +13,15 @@ A LoRA folder (written by `training.finetune --method lora`):
     prior/...                            the same, per fine-tuned component
 
 Use it on a pipeline with `load_lora`, `set_lora_scale`, `fuse_lora` / `unfuse_lora` and `unload_lora`. To bake a
-LoRA into the weights for good: `fuse_lora(pipe); unload_lora(pipe); pipe.save_pretrained(folder)`.
+LoRA into the weights for good: `fuse_lora(pipe); unload_lora(pipe); pipe.save_pretrained(folder)`. The pipeline
+records each LoRA baked in so (`pipe.fused_loras`, saved in `model_index.json`: its folder, a digest of its
+weights, its scale), and `load_lora` refuses to apply the same LoRA to those weights a second time.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 import time
@@ -299,6 +302,12 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
     if loaded:
         raise ValueError(f"a LoRA is already loaded into {loaded}; unload it first with pipe.unload_lora() "
                          "(pipe.fuse_lora() then pipe.unload_lora() keeps it baked into the weights)")
+    digest = lora_digest(path, wanted)
+    baked = [r for r in getattr(pipe, "fused_loras", []) if r.get("digest") == digest]
+    if baked:
+        raise ValueError(f"the LoRA in {path} is already fused into this pipeline's weights (from "
+                         f"{baked[0].get('path')!r} at scale {baked[0].get('scale')}, recorded in "
+                         "pipe.fused_loras / model_index.json): loading it again would apply it twice")
     done: list[str] = []
     try:
         for name in wanted:
@@ -309,7 +318,17 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
             _remove_lora(present[name])
         raise
     set_lora_scale(pipe, scale)
+    pipe._lora_record = {"path": str(path), "digest": digest, "components": done}
     return done
+
+
+def lora_digest(path: str | Path, components: Sequence[str]) -> str:
+    """SHA-256 (hex, first 16 digits) of the adapter weights of `components` in the LoRA folder `path`: the same
+    LoRA gives the same digest wherever its folder lies."""
+    h = hashlib.sha256()
+    for name in sorted(components):
+        h.update(name.encode() + b"\0" + (Path(path) / name / ADAPTER_WEIGHTS).read_bytes())
+    return h.hexdigest()[:16]
 
 
 # --- scale, fusion, unloading ---------------------------------------------------------------------------------
@@ -344,11 +363,26 @@ def fuse_lora(pipe: Any) -> None:
     """Add the LoRA update (at its current scale) into the base weights: sampling runs at the base model's speed.
     The exact original weights are kept (one copy of the adapted layers) so `unfuse_lora` restores them bit for
     bit. Fusing twice does nothing."""
-    for layer in _all_layers(pipe):
+    layers = _all_layers(pipe)
+    scale = _current_scale(layers)
+    for layer in layers:
         if layer.merged:
             continue
         layer.register_buffer(_BACKUP, layer.get_base_layer().weight.detach().clone(), persistent=False)
         layer.merge(adapter_names=[ADAPTER])
+    record = getattr(pipe, "_lora_record", None)
+    if record is not None and "scale" not in record:  # the first fusion of this LoRA
+        record["scale"] = scale
+        pipe.fused_loras.append(record)
+
+
+def _current_scale(layers: Sequence[nn.Module]) -> float | None:
+    """The user's scale s of the loaded LoRA (peft keeps (α / r) · s per layer), None where unknown."""
+    layer = layers[0]
+    try:
+        return float(layer.scaling[ADAPTER]) * layer.r[ADAPTER] / layer.lora_alpha[ADAPTER]
+    except (AttributeError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def unfuse_lora(pipe: Any) -> None:
@@ -361,6 +395,10 @@ def unfuse_lora(pipe: Any) -> None:
         if backup is not None:
             with torch.no_grad():
                 layer.get_base_layer().weight.copy_(backup)
+    record = getattr(pipe, "_lora_record", None)
+    if record is not None and record in pipe.fused_loras:
+        pipe.fused_loras.remove(record)
+        del record["scale"]
 
 
 def _remove_lora(module: nn.Module) -> None:
@@ -383,10 +421,11 @@ def unload_lora(pipe: Any) -> None:
     _all_layers(pipe)
     for module in _components(pipe).values():
         _remove_lora(module)
+    pipe._lora_record = None  # a fused one stays in pipe.fused_loras
 
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_COMPONENTS", "LORA_INDEX", "add_lora", "fuse_lora", "load_lora",
-    "load_lora_into", "lora_components", "lora_layers", "lora_state_dict", "lora_target_modules", "read_lora_index",
-    "save_lora", "set_lora_scale", "unfuse_lora", "unload_lora",
+    "load_lora_into", "lora_components", "lora_digest", "lora_layers", "lora_state_dict", "lora_target_modules",
+    "read_lora_index", "save_lora", "set_lora_scale", "unfuse_lora", "unload_lora",
 ]

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from latent_diffusion.diffusion import (
     SAMPLERS,
@@ -155,6 +156,10 @@ class TextToImagePipeline:
         self.prior_tokenizer, self.prior_text_encoder = prior_tokenizer, prior_text_encoder
         self.image_normalizer = image_normalizer
         self.config = config = config or PipelineConfig()
+        # LoRAs baked into the weights (`latent_diffusion.lora.fuse_lora`): {"path", "digest", "components",
+        # "scale"} each, saved in model_index.json so that loading the same LoRA again is refused
+        self.fused_loras: list[dict[str, Any]] = []
+        self._lora_record: dict[str, Any] | None = None  # the LoRA loaded now (`load_lora`)
         if prior is not None and not decoder.config.uses_image_embeds:
             raise ValueError("a prior needs a decoder conditioned on image embeddings (UNetConfig.image_embed_dim)")
         if (prior_tokenizer is None) != (prior_text_encoder is None):
@@ -267,6 +272,8 @@ class TextToImagePipeline:
         index = {"_class_name": type(self).__name__, "_version": "0.1.0",
                  "components": {k: type(m).__name__ for k, m in (self._modules() | tokenizers).items()},
                  "config": config_to_dict(self.config)}
+        if self.fused_loras:
+            index["fused_loras"] = self.fused_loras
         save_json(folder / MODEL_INDEX, index)
 
     @classmethod
@@ -318,6 +325,7 @@ class TextToImagePipeline:
             extra["image_normalizer"] = ImageNormalizer.from_pretrained(folder / "image_normalizer", dtype=dtype)
         pipe = cls(tokenizer, text_encoder, UNet.from_pretrained(folder / "decoder", dtype=dtype),
                    AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config, **extra)
+        pipe.fused_loras = list(index.get("fused_loras", []))
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
@@ -442,7 +450,7 @@ class TextToImagePipeline:
 
         # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
         x = _randn((len(generators), prior.config.embed_dim), generators, self.device, torch.float32) * init
-        x = get_sampler(sampler)(guided, x, sigmas, generator=generators, disable_progress=not progress)
+        x = _run_sampler(sampler, guided, x, sigmas, generators, "prior", progress)
         return prior.denormalize(_vp_sample(x, sigmas)).to(self.dtype)
 
     @torch.no_grad()
@@ -503,8 +511,7 @@ class TextToImagePipeline:
             x = latents.to(self.device, torch.float32) + sigmas[0] * noise  # VE: x = x0 + σ ε
         else:
             x = latents.to(self.device, torch.float32) * init
-        x = get_sampler(sampler)(guided, x, sigmas, generator=generators, callback=callback,
-                                 disable_progress=not progress)
+        x = _run_sampler(sampler, guided, x, sigmas, generators, "decoder", progress, callback)
         return _vp_sample(x, sigmas)
 
     @contextmanager
@@ -749,6 +756,23 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     so = torch.sin(omega)
     direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so
     return direction * ((1 - t) * na + t * nb)
+
+
+def _run_sampler(name: str, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor,
+                 generators: list[torch.Generator], label: str, progress: bool, callback: Any = None) -> torch.Tensor:
+    """`get_sampler(name)(denoiser, x, sigmas, ...)` with a progress bar labelled `label` ("prior", "decoder")
+    when `progress`; `callback` still sees every step."""
+    bar = tqdm(total=len(sigmas) - 1, desc=label, unit="step", disable=not progress)
+
+    def step(info: dict[str, Any]) -> None:
+        bar.update()
+        if callback is not None:
+            callback(info)
+
+    try:
+        return get_sampler(name)(denoiser, x, sigmas, generator=generators, callback=step)
+    finally:
+        bar.close()
 
 
 def _vp_sample(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

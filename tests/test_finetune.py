@@ -3,6 +3,7 @@ unfuse, unload), exact resume, full fine-tuning, mixed precision, and the errors
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -138,7 +139,9 @@ def test_fuse_then_unfuse_restores_the_base_weights(tiny_pipeline, lora_run):
     torch.testing.assert_close(pipe(PROMPTS, **SAMPLE).images, adapted, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="unfuse_lora"):
         set_lora_scale(pipe, 1.0)
+    assert [r["scale"] for r in pipe.fused_loras] == [pytest.approx(0.7)]
     unfuse_lora(pipe)
+    assert pipe.fused_loras == []  # unfused: nothing is baked in
     assert torch.equal(pipe(PROMPTS, **SAMPLE).images, adapted)
     unload_lora(pipe)
     after = pipe.decoder.state_dict()
@@ -377,6 +380,7 @@ def test_bad_training_data_is_named(tiny_pipeline_dir, tmp_path):
 
 
 def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_dir, lora_run, tmp_path, capsys):
+    from latent_diffusion import TextToImagePipeline
     from latent_diffusion.cli import main
 
     pipe = tiny_pipeline
@@ -394,6 +398,14 @@ def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_d
     pipe.unload_lora()  # the fused update stays: the folder saves with the LoRA baked in
     pipe.save_pretrained(tmp_path / "baked")
     assert (pipe(PROMPTS, **SAMPLE).images - base).abs().max() > 1e-4
+    # the baked folder records its LoRA, so the same adapters (from any copy of their folder) are not applied twice
+    baked = TextToImagePipeline.from_pretrained(tmp_path / "baked")
+    assert [(round(r["scale"], 6), r["components"]) for r in baked.fused_loras] == [(0.5, ["decoder", "prior"])]
+    copy = shutil.copytree(lora_run, tmp_path / "lora-copy")
+    for folder in (lora_run, copy):
+        with pytest.raises(ValueError, match="already fused into this pipeline's weights .* apply it twice"):
+            baked.load_lora(folder)
+    assert lora_components(baked) == []
     outs = []
     for extra in ([], ["--lora", str(lora_run), "--lora-scale", "1.0"]):
         out = tmp_path / f"cli{len(extra)}.png"
