@@ -1032,3 +1032,15 @@ def test_clip_stage_takes_a_pretrained_clip_and_records_the_config(tmp_path):
         AcceleratorState._reset_state(reset_partial_state=False)
     assert all((out / part).is_dir() for part in ("tokenizer", "text_encoder", "image_encoder"))
     assert f"pretrained: {source}" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_accelerate_engines_the_stages_do_not_run_under_are_refused(kind):
+    from accelerate.utils import DistributedType
+
+    from training.loop import check_distributed_type
+
+    with pytest.raises(ValueError, match=f"distributed_type {DistributedType[kind].value}.*multi_gpu.yaml"):
+        check_distributed_type(DistributedType[kind])
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_distributed_type(DistributedType[fine])

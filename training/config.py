@@ -355,6 +355,12 @@ def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
             message = own.sub("", "\n".join(lines[at:]), count=1)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Meet the other processes, then destroy the process group (a no-op outside a distributed run). Call it
+    only where every process gets to it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -48,6 +48,7 @@ from training.config import (
     ExperimentConfig,
     FinetuneConfig,
     OptimConfig,
+    close_process_group,
     config_to_yaml,
     load_config,
     save_config,
@@ -151,6 +152,7 @@ class Stage:
                 pending = pending or "SIGTERM"
         if pending is not None:
             self.print(f"{self.name}: finished; stopping for the {pending} received near the end")
+            close_process_group()  # every process stops here together (the sum above)
             raise SystemExit(128 + getattr(signal, pending))
 
 
@@ -164,6 +166,20 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def check_distributed_type(kind: DistributedType) -> None:
+    """Refuse the Accelerate engines the stages do not run under: its FSDP (the stages shard themselves), DeepSpeed
+    and Megatron-LM (their own checkpoint formats skip the stages' save hooks: EMA, trained-only LoRA state)."""
+    if kind == DistributedType.FSDP:
+        raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
+                         "a data-parallel config (configs/accelerate/multi_gpu.yaml) and pass --fsdp; each stage "
+                         "then shards its model block by block itself (training/sharding.py)")
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"this Accelerate config uses distributed_type {kind.value}, which the stages do not support "
+                         "(their checkpoints, EMA and LoRA-only saves go through Accelerate's own save hooks): launch "
+                         "with a data-parallel config (configs/accelerate/multi_gpu.yaml), adding --fsdp to shard "
+                         "large models")
 
 
 def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
@@ -187,10 +203,7 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
                               kwargs_handlers=handlers)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
-                         "a data-parallel config (configs/accelerate/multi_gpu.yaml) and pass --fsdp; each stage "
-                         "then shards its model block by block itself (training/sharding.py)")
+    check_distributed_type(accelerator.distributed_type)
     set_seed(config.seed)
     output_dir = Path(args.output_dir)
     work_dir = output_dir / "_work" / name
@@ -577,6 +590,7 @@ def _stop_interrupted(stage: Stage, interrupt: Interrupt, done: int, start: int,
         stage.print(f"{stage.name}: interrupted ({interrupt.signal_name}) at step {done}: wrote {path}; "
                     "`--resume latest` continues from it")
     code = 128 + getattr(signal, interrupt.signal_name or "SIGINT")
+    close_process_group()  # every process stops at this step together (`stop_flags`)
     raise SystemExit(code)
 
 
