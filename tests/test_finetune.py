@@ -229,6 +229,29 @@ def test_resume_names_changed_settings_and_refuses_another_base(tiny_pipeline_di
         run_in_process(*elsewhere, "--max-steps", "4", "--resume", "latest")
 
 
+def test_a_base_that_differs_on_another_node_stops_every_process(tmp_path):
+    """Each process checks its own node's copy of the base; the answer is summed over processes, so a process whose
+    copy matches stops too (rather than wait alone at the next collective) and says where the difference is."""
+    from types import SimpleNamespace
+
+    from training.checkpoint import load_checkpoint
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"fsdp": False, "base": "base", "base_fingerprint": "f"}))
+    summed = []
+
+    def reduce(tensor, reduction):
+        summed.append(float(tensor))
+        return tensor + 1  # another process's copy differs
+
+    acc = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    stage = SimpleNamespace(accelerator=acc, fsdp=False, base=Path("base"), base_fingerprint="f")
+    with pytest.raises(ValueError, match="holds other files on another node"):
+        load_checkpoint(stage, checkpoint, None, None, None, None)
+    assert summed == [0.0]  # this process's copy matched
+
+
 def test_bf16_mixed_precision_keeps_the_adapters_fp32(tiny_pipeline_dir, imagefolder, tmp_path):
     run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--components",
                    "decoder,text_encoder", "--max-steps", "1", "--mixed-precision", "bf16", "--output-dir",

@@ -174,9 +174,14 @@ def load_checkpoint(stage: Stage, checkpoint: Path, model: torch.nn.Module, opti
     if stage.base is not None and "base" in state:  # the fingerprint (a move or copy resumes), else the path
         same = state["base_fingerprint"] == stage.base_fingerprint if "base_fingerprint" in state \
             else state["base"] == str(stage.base)
-        if not same:
+        differs = not same
+        if acc.num_processes > 1:  # each node checks its own copy; all stop if any differs (none waits alone)
+            differs = bool(acc.reduce(torch.tensor(float(differs), device=acc.device), reduction="sum") > 0)
+        if differs:
+            where = "" if not same else " on another node"
             raise ValueError(f"--resume {checkpoint}: it continues a run on {state['base']}, but this run's base "
-                             f"{stage.base} holds other files: resume with that pipeline, or start a new --output-dir")
+                             f"{stage.base} holds other files{where}: resume with that pipeline, or start a new "
+                             "--output-dir")
     # (fine-tuning, whose trained parameters depend on its settings; the stages' model changes are named below)
     if stage.base is not None and "params" in state and state["params"] != _order_digest(model):
         raise ValueError(f"--resume {checkpoint}: the checkpoint trained other parameters, or in another order, than "
