@@ -119,8 +119,8 @@ def sampling_from_diffusers(raw: dict[str, Any], source: str) -> tuple[SamplingC
             raise ValueError(f"{source}: unsupported variance_type={raw['variance_type']!r}; "
                              "supported: ['fixed_small_log']")
         return SamplingConfig("ddpm", "linspace", 0), clip
-    default_spacing = "linspace" if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                             "DPMSolverMultistepScheduler") else "leading"
+    # diffusers' default timestep_spacing: "leading" for DDPM, DDIM and PNDM, "linspace" for the others
+    default_spacing = "leading" if name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler") else "linspace"
     given_spacing = raw.get("timestep_spacing", default_spacing)
     spacing = _LINSPACE.get(name, "linspace") if given_spacing == "linspace" else given_spacing
     options: dict[str, Any] = {}

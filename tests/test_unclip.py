@@ -256,6 +256,13 @@ def test_scheduler_mapping():
         sampling, clip = sampling_from_diffusers(pndm, "pndm")
     assert (sampling.sampler, sampling.timestep_spacing, sampling.steps_offset, clip) == ("dpmpp_2m", "leading", 1,
                                                                                           None)
+    # a config without timestep_spacing takes the scheduler's own default ("linspace" for UniPC, Heun, ...)
+    for cls, spacing in ((diffusers.UniPCMultistepScheduler, "linspace_dpm"), (diffusers.HeunDiscreteScheduler,
+                                                                                "linspace_dpm"),
+                         (diffusers.PNDMScheduler, "leading")):
+        bare = {k: v for k, v in raw(cls()).items() if k != "timestep_spacing"}
+        with pytest.warns(UserWarning, match="replaced by our 'dpmpp_2m'"):
+            assert sampling_from_diffusers(bare, cls.__name__)[0].timestep_spacing == spacing
     # DPM-Solver's "leading" is its own rule (T // (n+1) apart), common in configs derived from a DDIM one
     dpm = raw(diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", timestep_spacing="leading",
                                                     steps_offset=1))
