@@ -1044,3 +1044,28 @@ def test_accelerate_engines_the_stages_do_not_run_under_are_refused(kind):
         check_distributed_type(DistributedType[kind])
     for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_type(DistributedType[fine])
+
+
+def test_a_resumed_stage_names_only_its_own_changed_settings(tmp_path, capsys):
+    """Under one output folder (train_all's), each stage compares a resumed run with its own record: a change to
+    another stage's section is not that stage's note, and a later stage still sees its own change after an
+    earlier one has rewritten the shared config.yaml."""
+    from accelerate.state import AcceleratorState
+
+    from training import train_clip, train_vae
+
+    common = ["--config", MICRO, "--output-dir", str(tmp_path)]
+    for stage in (train_clip, train_vae):
+        stage.main([*common, "--max-steps", "2"])
+        AcceleratorState._reset_state(reset_partial_state=False)
+    changed = ["--clip.optim.weight_decay", "0.25", "--vae.optim.weight_decay", "0.5"]
+    capsys.readouterr()
+    for stage, name in ((train_clip, "clip"), (train_vae, "vae")):
+        (tmp_path / "_work" / name / "DONE").unlink()
+        stage.main([*common, "--max-steps", "3", "--resume", "latest", *changed])
+        AcceleratorState._reset_state(reset_partial_state=False)
+        notes = [line for line in capsys.readouterr().out.splitlines() if "other settings than" in line]
+        assert len(notes) == 1 and f"{name}.optim.weight_decay: " in notes[0], notes
+        other = "vae" if name == "clip" else "clip"
+        assert f"{other}.optim" not in notes[0] and "max_steps" not in notes[0]
+        assert (tmp_path / "_work" / name / "config-before-step-2.yaml").is_file()

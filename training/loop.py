@@ -113,29 +113,34 @@ class Stage:
         return True
 
     def record_config(self, start: int = 0) -> None:
-        """Write the resolved config to OUTPUT_DIR/config.yaml (main process): done by a stage once it is about to
-        train (`fit`, past its checks), so a skipped or refused stage leaves the record of the run that trained
-        it. A run resumed at `start` > 0 with other settings says which, and keeps the earlier record as
-        `_work/<stage>/config-before-step-<start>.yaml`."""
+        """Write the resolved config to OUTPUT_DIR/config.yaml and to this stage's `_work/<stage>/config.yaml`
+        (main process): done by a stage once it is about to train (`fit`, past its checks), so a skipped or refused
+        stage leaves the record of the run that trained it. A run resumed at `start` > 0 with other settings than
+        this stage's own record says which (under train_all, of the shared settings and this stage's section only),
+        and keeps the earlier record as `_work/<stage>/config-before-step-<start>.yaml`."""
         if not self.is_main:
             return
-        path = self.output_dir / "config.yaml"
+        path, own = self.output_dir / "config.yaml", self.work_dir / "config.yaml"
+        earlier = own if own.is_file() else path  # (runs from before the per-stage record compare the shared one)
         new = config_to_yaml(self.config)
-        if start > 0 and path.is_file() and path.read_text() != new:
+        if start > 0 and earlier.is_file() and earlier.read_text() != new:
+            others = tuple(f"{n}." for n in ("clip", "vae", "prior", "decoder") if n != self.name) \
+                if isinstance(self.config, ExperimentConfig) else ()  # (the other stages' sections)
             # (a longer max_steps is how a finished run is continued: not worth a note)
-            changed = [c for c in changed_settings(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(new))
-                       if not c.split(":")[0].endswith("max_steps")]
+            changed = [c for c in changed_settings(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new))
+                       if not c.split(":")[0].endswith("max_steps") and not c.startswith(others)]
             if changed:
                 kept = self.work_dir / f"config-before-step-{start}.yaml"
                 n = 1
                 while kept.exists():  # never over an earlier record (a resume that failed at this step, say)
                     n += 1
                     kept = self.work_dir / f"config-before-step-{start}-{n}.yaml"
-                shutil.copyfile(path, kept)
+                shutil.copyfile(earlier, kept)
                 shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
                 self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
                            f"(its config is kept as {kept})")
         save_config(self.config, path)
+        save_config(self.config, own)
 
     def mark_done(self) -> None:
         """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
