@@ -172,8 +172,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for flag in ("num_images", "steps", "prior_steps"):  # before the pipeline loads, named as typed
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    _check_scales(args)
+    if not 0 <= args.seed <= 2**63 - args.num_images:
+        raise ValueError(f"--seed must be from 0 to 2**63 - {args.num_images} (image i uses seed + i), got {args.seed}")
     out_path = Path(args.out)
     grid = out_path.suffix.lower() in GRID_EXTENSIONS
+    formats = ", ".join(sorted(GRID_EXTENSIONS))
+    if grid and out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a folder; give an image file path for a grid, or a folder name "
+                         "without an image extension for one file per image")
+    if not grid and out_path.exists() and not out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a file that is not an image format written as a grid ({formats}); "
+                         "give a folder, or an image file path")
+    if not grid and out_path.suffix and not out_path.is_dir():
+        raise ValueError(f"--out {out_path}: {out_path.suffix!r} is not an image format written as a grid "
+                         f"({formats}); give a folder name without an extension, or an image file path")
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:
@@ -189,24 +202,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     if grid:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(out.images).save(out_path)
         paths = [out_path]
+        images = [make_grid(out.images)]
     else:
         out_path.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, image in enumerate(out.images):
-            path = out_path / f"seed{args.seed + i}.png"
-            image.save(path)
-            paths.append(path)
-    for p in paths:
-        print(p)
+        paths = [out_path / f"seed{args.seed + i}.png" for i in range(len(out.images))]
+        images = out.images
+    replaced = sum(p.exists() for p in paths)
+    for path, image in zip(paths, images):
+        image.save(path)
+        print(path)
     print(f"{len(out.images)} image(s) in {elapsed:.2f} s", file=sys.stderr)
+    if replaced:
+        print(f"note: replaced {replaced} earlier file(s) of the same name{'' if grid else f' in {out_path}'}",
+              file=sys.stderr)
     return 0
+
+
+def _check_scales(args: argparse.Namespace) -> None:
+    """The guidance flags must be finite and >= 0 (NaN or inf would give black images): checked before loading."""
+    for flag in ("guidance", "prior_guidance", "image_guidance"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value < float("inf"):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str], ...]:
     """The colour×shape pairs `text` names ("red circle, blue star"), or, when None, those the pipeline folder's
-    training config (`config.yaml`, `data.exclude_pairs`) held out; () when there is no config."""
+    training config (`config.yaml`, `data.exclude_pairs`) held out — for a fine-tuned pipeline, those of the base its
+    config names; () when there is no config."""
     from latent_diffusion.data.shapes import parse_pairs
 
     if text is None:
@@ -215,7 +239,12 @@ def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str
             return ()
         import yaml
 
-        text = ", ".join((yaml.safe_load(config.read_text()) or {}).get("data", {}).get("exclude_pairs") or [])
+        recipe = yaml.safe_load(config.read_text()) or {}
+        base = recipe.get("pipeline")
+        if "method" in recipe and base and Path(base).resolve() != folder.resolve():
+            # a fine-tune's record: the held-out pairs are those of the pipeline it started from
+            return heldout_pairs(Path(base)) if (Path(base) / "config.yaml").is_file() else ()
+        text = ", ".join((recipe.get("data") or {}).get("exclude_pairs") or [])
     return tuple(sorted(parse_pairs(text))) if text.strip() else ()
 
 
@@ -248,15 +277,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_scales(args)
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.fast:
         speed_up(pipe, device)
     heldout = heldout_pairs(folder, args.heldout)
     if not heldout and args.heldout is None:
-        print(f"note: {folder} records no held-out colour×shape pairs (no config.yaml with data.exclude_pairs beside "
-              "it; save_pretrained and fine-tuning do not write one), so the suite has no held-out group; pass "
-              "--heldout 'purple star, cyan cross' to name them", file=sys.stderr)
+        print(f"note: {folder} records no held-out colour×shape pairs (no config.yaml beside it with "
+              "data.exclude_pairs, or naming a base pipeline that has one; save_pretrained does not write one), so "
+              "the suite has no held-out group; pass --heldout 'purple star, cyan cross' to name them",
+              file=sys.stderr)
     items = prompt_suite(args.num_prompts, args.suite_seed, heldout)
     quick = (("DPM-Solver++(2M) 20", "dpmpp_2m", 20),)
     out = Path(args.out)
@@ -307,8 +338,9 @@ _FLAGS = {"num_inference_steps": "--steps", "prior_num_inference_steps": "--prio
 
 
 def _as_flags(message: str) -> str:
-    """A `generate` error from the pipeline with its argument names replaced by the flags that set them: the
-    underscored names as whole words outside paths, `height`/`width` only as the pipeline writes them (`height=`)."""
+    """A `generate` / `evaluate` error from the pipeline with its argument names replaced by the flags that set
+    them: the underscored names as whole words outside paths, `height`/`width` only as the pipeline writes them
+    (`height=`)."""
     import re
 
     names = "|".join(k for k in _FLAGS if "_" in k)
@@ -327,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "convert":
             return cmd_convert(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {_as_flags(str(e)) if args.command == 'generate' else e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # (OSError: a path that is a file, a full disk, ...)
+        print(f"error: {e if args.command == 'convert' else _as_flags(str(e))}", file=sys.stderr)
         return 2
     return 1
 

@@ -190,8 +190,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing config file {path}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"cannot read {path}: not valid JSON ({error})") from None
 
 
 def save_model(model: torch.nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -313,9 +313,11 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
         for name in wanted:
             load_lora_into(present[name], path / name, name, entries[name])
             done.append(name)
-    except BaseException:
+    except BaseException as error:
         for name in done:  # all or nothing
             _remove_lora(present[name])
+        if isinstance(error, ValueError) and index.get("base_pipeline"):
+            raise ValueError(f"{error}; the LoRA was trained on the pipeline {index['base_pipeline']}") from None
         raise
     set_lora_scale(pipe, scale)
     pipe._lora_record = {"path": str(path), "digest": digest, "components": done}

@@ -127,8 +127,14 @@ Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token states (B, L,
 
 
 def _load_transformers(cls: type, folder: Path, **kwargs: Any) -> Any:
-    find_weights(folder)  # refuses pickles and names a missing file before transformers looks
-    return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+    from safetensors import SafetensorError
+
+    weights = find_weights(folder)  # refuses pickles and names a missing file before transformers looks
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+    except SafetensorError as error:  # (transformers passes it on without the file's name)
+        raise ValueError(f"cannot read {weights}: {error} (an incomplete or damaged file? save or copy it again)") \
+            from error
 
 
 def _load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype) -> Any:
@@ -278,7 +284,7 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> TextToImagePipeline:
+                        dtype: torch.dtype | str | None = None) -> TextToImagePipeline:
         """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
         to `dtype` (fp32 by default)."""
         from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
@@ -289,6 +295,12 @@ class TextToImagePipeline:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"pipeline folder not found: {folder}")
+        if isinstance(dtype, str):  # "float16", "torch.bfloat16", ...
+            name = dtype.removeprefix("torch.")
+            if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+                raise ValueError(f"dtype={dtype!r} is not a torch floating-point type; use torch.float32, "
+                                 "torch.float16 or torch.bfloat16 (or their names)")
+            dtype = getattr(torch, name)
         index = read_json(folder / MODEL_INDEX)
         if "_diffusers_version" in index:
             from latent_diffusion.convert import PIPELINES
@@ -553,11 +565,9 @@ class TextToImagePipeline:
 
     def _check(self, steps: int, guidance_scale: float, prior_guidance_scale: float, sampler: str,
                output_type: str, height: int | None, width: int | None) -> tuple[int, int]:
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        _check_count("num_inference_steps", steps)
         for name, value in (("guidance_scale", guidance_scale), ("prior_guidance_scale", prior_guidance_scale)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            _check_scale(name, value)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if output_type not in ("pil", "np", "pt"):
@@ -566,8 +576,8 @@ class TextToImagePipeline:
         height = self.config.sample_size if height is None else height
         width = self.config.sample_size if width is None else width
         for name, value in (("height", height), ("width", width)):
-            if value < f or value % f:
-                raise ValueError(f"{name}={value} must be a positive multiple of the VAE factor {f}")
+            if not _is_int(value) or value < f or value % f:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of the VAE factor {f}")
         return height // f, width // f
 
     def _generators(self, n: int, seed: int | None, generator: Generators) -> list[torch.Generator]:
@@ -586,6 +596,8 @@ class TextToImagePipeline:
             return gens
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
+        if not _is_int(seed) or not 0 <= seed <= 2**63 - n:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - {n} (image i uses seed + i), got {seed!r}")
         return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | tuple[str, ...] | None = None,
@@ -607,11 +619,8 @@ class TextToImagePipeline:
         `PipelineConfig.noise_level` (noise-augmented decoders only). `seed` seeds image i with seed + i;
         `generator` may be one generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt is an empty list; pass at least one prompt")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = _prompt_list(prompt)
+        _check_count("num_images_per_prompt", num_images_per_prompt)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
         elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(n, str) for n in negative_prompt):
@@ -624,13 +633,18 @@ class TextToImagePipeline:
         sampler, prior_sampler = self._samplers(sampler, prior_sampler)
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             height, width)
-        if self.prior is not None and image_embeds is None and prior_num_inference_steps < 1:
-            raise ValueError(f"prior_num_inference_steps must be >= 1, got {prior_num_inference_steps}")
+        if self.prior is not None and image_embeds is None:
+            _check_count("prior_num_inference_steps", prior_num_inference_steps)
         self._noise_level(noise_level)
-        image_guidance_scale = self.image_guidance(image_guidance_scale, guidance_scale)
-        if image_guidance_scale < 0:
-            raise ValueError(f"image_guidance_scale must be >= 0, got {image_guidance_scale}")
+        image_guidance_scale = _check_scale("image_guidance_scale",
+                                            self.image_guidance(image_guidance_scale, guidance_scale))
+        if not 0.0 <= guidance_rescale <= 1.0:  # (NaN fails too)
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         n = num_images_per_prompt
+        expected = (len(prompts) * n, self.decoder.config.in_channels, *shape)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {expected} (images, "
+                             "latent channels, height and width over the VAE factor): pass height/width to match")
         prompts = [p for p in prompts for _ in range(n)]
         negatives = [p for p in negatives for _ in range(n)]
         gens = self._generators(len(prompts), seed, generator)
@@ -665,6 +679,7 @@ class TextToImagePipeline:
                          noise_level: int | None = None) -> PipelineOutput:
         """Variations of image(s): decode their CLIP image embeddings (unCLIP §3.1) with `prompt` (default empty;
         Stable unCLIP's image variations take one too) and, for noise-augmented decoders, `noise_level`."""
+        _check_count("num_images_per_prompt", num_images_per_prompt)
         embeds = self.encode_image(image)
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return self([prompt] * (embeds.shape[0] // num_images_per_prompt), negative_prompt=negative_prompt,
@@ -676,16 +691,25 @@ class TextToImagePipeline:
     @torch.no_grad()
     def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
-                    sampler: str | None = None, seed: int = 0, output_type: OutputType = "pil",
-                    progress: bool = True) -> PipelineOutput:
+                    sampler: str | None = None, seed: int | None = 0, output_type: OutputType = "pil",
+                    progress: bool = True, image_guidance_scale: float | None = None) -> PipelineOutput:
         """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
         `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
-        same seed; when both ends are prompts their text conditioning is interpolated linearly too."""
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+        same seed (None: a random one); when both ends are prompts their text conditioning is interpolated linearly
+        too, and the decoder's image guidance defaults as in a text-to-image call (`image_guidance`), else (an
+        image at either end) to `guidance_scale`, as in `image_variations`."""
+        if not _is_int(num_steps) or num_steps < 2:
+            raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
         if not self.decoder.config.uses_image_embeds:
             raise ValueError("interpolation needs a decoder conditioned on CLIP image embeddings")
         sampler, prior_sampler = self._samplers(sampler, None)
+        if image_guidance_scale is None and not (isinstance(a, str) and isinstance(b, str)):
+            image_guidance_scale = guidance_scale  # an image at an end: its embedding is the point
+        image_guidance_scale = _check_scale("image_guidance_scale",
+                                            self.image_guidance(image_guidance_scale, guidance_scale))
+        seed = self._generators(1, seed, None)[0].initial_seed()
+        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
+                            None, None)
 
         def embed(end: str | Image.Image) -> torch.Tensor:
             if isinstance(end, str):
@@ -707,26 +731,31 @@ class TextToImagePipeline:
             text = ((1 - lerp) * text[0] + lerp * tb[0], (1 - lerp[:, 0]) * text[1] + lerp[:, 0] * tb[1], text[2])
         uncond = self.encode_prompt([""] * num_steps)
         gens = [torch.Generator().manual_seed(seed) for _ in range(num_steps)]
-        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
-                            None, None)
         x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
-                                progress=progress)
+                                progress=progress, image_guidance_scale=image_guidance_scale)
         return PipelineOutput(self.decode_latents(x, output_type), embeds)
 
     @torch.no_grad()
     def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
                 guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str | None = None,
                 seed: int | None = None, generator: Generators = None, output_type: OutputType = "pil",
-                progress: bool = True) -> PipelineOutput:
+                progress: bool = True, image_guidance_scale: float | None = None) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
-        towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it."""
+        towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it and equals a text-to-image call
+        with the same seed and settings. `image_guidance_scale` as in `__call__` (default: the pipeline's)."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         sampler, prior_sampler = self._samplers(sampler, None)
+        image_guidance_scale = _check_scale("image_guidance_scale",
+                                            self.image_guidance(image_guidance_scale, guidance_scale))
         pixels = _to_tensor(image, self.device, self.dtype)
-        prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else _prompt_list(prompt)
         if len(prompts) != pixels.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {pixels.shape[0]} images")
+        f = self.vae.config.downsample_factor
+        if pixels.shape[-2] % f or pixels.shape[-1] % f:
+            raise ValueError(f"the image is {pixels.shape[-1]}×{pixels.shape[-2]} pixels; img2img needs a width and "
+                             f"height that are multiples of the VAE factor {f}: resize or crop it first")
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             pixels.shape[-2], pixels.shape[-1])
         latents = self.encode_latents(pixels * 2 - 1)
@@ -744,8 +773,37 @@ class TextToImagePipeline:
             return PipelineOutput(self.decode_latents(latents, output_type), embeds)
         # strength 1 starts from pure noise: the image is ignored.
         x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
-                                latents=latents if start > 0 else None, start=start, progress=progress)
+                                latents=latents if start > 0 else None, start=start, progress=progress,
+                                image_guidance_scale=image_guidance_scale)
         return PipelineOutput(self.decode_latents(x, output_type), embeds)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: Any) -> None:
+    """Refuse a count (steps, images) that is not an integer >= 1, naming it."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_scale(name: str, value: Any) -> float:
+    """A guidance scale: a finite number >= 0 (NaN or inf would give black images)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _prompt_list(prompt: Any) -> list[str]:
+    """`prompt` (a string, or a list/tuple of strings) as a non-empty list, refusing anything else by value."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+    if not prompts:
+        raise ValueError("prompt is an empty list; pass at least one prompt")
+    return prompts
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -125,3 +125,50 @@ def test_error_messages_name_flags_but_leave_paths_and_words_alone():
                       "prior width 7 is not divisible by heads=2"):
         assert _as_flags(untouched) == untouched
 
+
+
+def test_out_paths_guidance_and_seed_are_checked_before_loading(tmp_path, capsys, monkeypatch):
+    """Every case fails on its flags: the pipeline folder is never read (it does not exist)."""
+    import latent_diffusion.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.TextToImagePipeline, "from_pretrained", None)  # loading would fail loudly
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dir.png").mkdir()
+    cases = {
+        ("--guidance", "nan"): "--guidance must be a finite number >= 0, got nan",
+        ("--image-guidance", "inf"): "--image-guidance must be a finite number >= 0, got inf",
+        ("--seed", str(2**64)): f"--seed must be from 0 to 2**63 - 4 (image i uses seed + i), got {2**64}",
+        ("--out", str(tmp_path / "afile")): "is a file that is not an image format written as a grid",
+        ("--out", str(tmp_path / "dir.png")): "is a folder; give an image file path for a grid",
+        ("--out", str(tmp_path / "o.txt")): "'.txt' is not an image format written as a grid",
+    }
+    for flags, message in cases.items():
+        assert main(["generate", "x", "--pipeline", str(tmp_path / "pipe"), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (flags, err)
+    assert not (tmp_path / "o.txt").exists()
+    assert main(["evaluate", "--pipeline", str(tmp_path / "pipe"), "--prior-guidance", "nan"]) == 2
+    assert "--prior-guidance must be a finite number >= 0, got nan" in capsys.readouterr().err
+
+
+def test_a_rerun_names_the_files_it_replaces(tiny_pipeline_dir, tmp_path, capsys):
+    args = ["generate", "a red circle", "--pipeline", str(tiny_pipeline_dir), "--num-images", "2", "--steps", "2",
+            "--prior-steps", "2", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    assert "replaced" not in capsys.readouterr().err
+    assert main([*args, "--seed", "1"]) == 0  # seed1.png is written again, seed2.png is new
+    assert f"note: replaced 1 earlier file(s) of the same name in {tmp_path / 'out'}" in capsys.readouterr().err
+
+
+def test_damaged_files_are_named(tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    for damaged, content in (("text_encoder/model.safetensors", b"\x00" * 100), ("model_index.json", b"{broken")):
+        folder = tmp_path / damaged.split("/")[0].replace(".", "_")
+        shutil.copytree(tiny_pipeline_dir, folder)
+        (folder / damaged).write_bytes(content)
+        assert main(["generate", "x", "--pipeline", str(folder), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {folder / damaged}"), err

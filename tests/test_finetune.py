@@ -312,6 +312,34 @@ def test_full_finetune_writes_a_complete_pipeline(tiny_pipeline_dir, imagefolder
         a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b)
     assert pipe(PROMPTS[:1], **SAMPLE).images.shape == (1, 3, 16, 16)
+    # run again into the finished folder: the same settings skip it, other ones are refused by name
+    common = ["--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--method", "full",
+              "--output-dir", str(tmp_path), *FAST]
+    run_in_process(*common, "--max-steps", "3")
+    with pytest.raises(ValueError, match=r"holds a finished fine-tune with other settings \(optim.lr: 0.001 -> "
+                                         r"0.002\): use a new --output-dir"):
+        run_in_process(*common, "--max-steps", "2", "--learning-rate", "2e-3")
+
+
+def test_the_output_folder_must_not_be_the_base(tiny_pipeline_dir, imagefolder, tmp_path):
+    base = shutil.copytree(tiny_pipeline_dir, tmp_path / "base")
+    with pytest.raises(ValueError, match="is the --pipeline folder: fine-tuning writes a new folder"):
+        run_in_process("--pipeline", str(base), "--train-data-dir", str(imagefolder), "--max-steps", "1",
+                       "--output-dir", str(tmp_path / "." / "base"), *FAST)
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in tiny_pipeline_dir.iterdir())
+
+
+def test_evaluate_takes_a_fine_tunes_held_out_pairs_from_its_base(tmp_path):
+    from latent_diffusion.cli import heldout_pairs
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.yaml").write_text("data:\n  exclude_pairs: [purple star, cyan cross]\n")
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "config.yaml").write_text(
+        f"pipeline: {tmp_path / 'base'}\nmethod: full\ndata:\n  source: image_text\n  exclude_pairs: []\n")
+    assert heldout_pairs(tmp_path / "tuned") == (("cyan", "cross"), ("purple", "star"))
+    (tmp_path / "base" / "config.yaml").unlink()  # a base without a recipe: none
+    assert heldout_pairs(tmp_path / "tuned") == ()
 
 
 def test_decoder_like_the_shipped_one_fine_tunes_with_the_prior(tiny_pipeline_dir, imagefolder, tmp_path, capsys):
@@ -365,9 +393,10 @@ def test_a_lora_for_another_architecture_is_refused_by_layer(tiny_pipeline, tmp_
 
     wider = UNet(replace(UNET_PRESETS["tiny-unclip"], channels=(16, 48)))
     add_lora(wider, rank=4)
-    save_lora(tmp_path / "wider", {"decoder": wider})
+    save_lora(tmp_path / "wider", {"decoder": wider}, base_pipeline="runs/wide")
     with pytest.raises(ValueError, match=r"another shape: down\.1\.attn\.0\.blocks\.0\.attn1\.to_k \(adapter 48→48, "
-                                         r"layer 32→32\).*channels=\[16, 48\] vs \[16, 32\]"):
+                                         r"layer 32→32\).*channels=\[16, 48\] vs \[16, 32\].*; the LoRA was "
+                                         r"trained on the pipeline runs/wide"):
         load_lora(tiny_pipeline, tmp_path / "wider")
     prior = DiffusionPrior(PRIOR_PRESETS["tiny"])
     add_lora(prior, rank=4)

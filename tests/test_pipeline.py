@@ -1,6 +1,7 @@
 """The text-to-image pipeline end to end on a tiny random model: persistence, determinism, shapes, errors."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_image_guidance_apart_from_the_text(tiny_pipeline):
     torch.testing.assert_close(near_plain, plain, rtol=0, atol=1e-4)
     between = tiny_pipeline("a red circle", image_embeds=embeds, image_guidance_scale=1.0, **kw).images
     assert (between - plain).abs().max() > 1e-4 and (between - text_alone).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="image_guidance_scale must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="image_guidance_scale must be a finite number >= 0, got -1"):
         tiny_pipeline("a red circle", image_guidance_scale=-1.0, **FAST)
 
     config = tiny_pipeline.config
@@ -111,6 +112,11 @@ def test_image_guidance_apart_from_the_text(tiny_pipeline):
         b = tiny_pipeline.image_variations(Image.new("RGB", (16, 16), (30, 30, 200)), seed=0, output_type="pt",
                                            num_inference_steps=3, progress=False)
         assert (a.images - b.images).abs().max() > 1e-4  # variations still read the image
+        # img2img at strength 1 is the text-to-image call, the pipeline's default included
+        t2i = tiny_pipeline("a red circle", seed=0, output_type="pt", **FAST).images
+        i2i = tiny_pipeline.img2img(image, "a red circle", strength=1.0, seed=0, output_type="pt",
+                                    num_inference_steps=3, progress=False).images
+        torch.testing.assert_close(i2i, t2i, rtol=0, atol=1e-6)
     finally:
         tiny_pipeline.config = config
 
@@ -161,17 +167,43 @@ def test_slerp_endpoints_and_norm():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(height=15), "multiple of the VAE factor 2"),
     (dict(width=0), "width=0"),
-    (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
-    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
-    (dict(prior_guidance_scale=-0.5), "prior_guidance_scale must be >= 0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer >= 1, got 2.5"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0, got nan"),
+    (dict(prior_guidance_scale=-0.5), "prior_guidance_scale must be a finite number >= 0"),
+    (dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite number >= 0, got inf"),
+    (dict(guidance_rescale=-3.0), r"guidance_rescale must be in \[0, 1\], got -3.0"),
     (dict(sampler="plms"), "choose one of"),
     (dict(output_type="jpg"), "unknown output_type"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(negative_prompt=[("blue", "red")]), "negative_prompt must be a string or a list of strings"),
+    (dict(seed=2**64), "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+    (dict(latents=torch.zeros(1, 4, 4, 4)), r"latents have shape \(1, 4, 4, 4\); this call needs \(1, 4, 8, 8\)"),
 ])
 def test_bad_arguments_are_named(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_pipeline("a red circle", **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("prompt", [5, None, [1, 2], b"a red circle"])
+def test_a_prompt_that_is_not_text_is_named(tiny_pipeline, prompt):
+    with pytest.raises(ValueError, match=re.escape(f"prompt must be a string or a list of strings, got {prompt!r}")):
+        tiny_pipeline(prompt, **FAST)
+
+
+def test_other_entry_points_check_their_arguments(tiny_pipeline, tiny_pipeline_dir):
+    image = Image.new("RGB", (16, 16), "white")
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an integer >= 1, got 0"):
+        tiny_pipeline.image_variations(image, num_images_per_prompt=0, progress=False)
+    with pytest.raises(ValueError, match="the image is 17×16 pixels; img2img needs .* multiples of the VAE factor 2"):
+        tiny_pipeline.img2img(Image.new("RGB", (17, 16)), "a red circle", progress=False)
+    with pytest.raises(ValueError, match="dtype='half precision' is not a torch floating-point type"):
+        TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="half precision")
+    assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="bfloat16").dtype == torch.bfloat16
+    frames = tiny_pipeline.interpolate("a red circle", "a blue star", num_steps=2, num_inference_steps=2, seed=None,
+                                       progress=False)  # seed=None: a random seed, as elsewhere
+    assert len(frames.images) == 2
 
 
 def test_empty_prompt_list_and_long_prompt(tiny_pipeline):

@@ -338,13 +338,14 @@ def save_config(config: ExperimentConfig | FinetuneConfig, path: str | Path) -> 
 
 
 def run_from_command_line(main: Callable[[list[str]], Any]) -> None:
-    """Run a stage's `main` on `sys.argv`: a configuration, data or resume error (ValueError, FileNotFoundError)
-    prints `error: ...` without a traceback and exits with status 2 (LATENT_DIFFUSION_TRACEBACK=1 shows it).
+    """Run a stage's `main` on `sys.argv`: a configuration, data or resume error (ValueError, or an OSError such as a
+    missing file or an unreachable hub) prints `error: ...` without a traceback and exits with status 2
+    (LATENT_DIFFUSION_TRACEBACK=1 shows it).
     After a run, every process meets the others and destroys the process group: left to interpreter shutdown,
     gloo's threads can abort a process after its run has finished."""
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
         message = str(error)

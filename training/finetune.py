@@ -50,8 +50,15 @@ from latent_diffusion.models.image_normalizer import noise_augment
 from latent_diffusion.pipeline import TextToImagePipeline
 from training.checkpoint import pipeline_fingerprint
 from training.common import build_dataset, dataset_captions, decoder_loss
-from training.config import FinetuneConfig, LoraSettings, apply_overrides, positive_int, run_from_command_line
-from training.loop import StepRandom, fit, setup_stage
+from training.config import (
+    FinetuneConfig,
+    LoraSettings,
+    apply_overrides,
+    config_to_yaml,
+    positive_int,
+    run_from_command_line,
+)
+from training.loop import StepRandom, changed_settings, fit, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         if flag.startswith("--") and spelled in parser._option_string_actions:
             raise ValueError(f"unknown option {flag.split('=', 1)[0]}; did you mean {spelled}?")
     cfg = resolve_config(args, overrides)
+    if Path(args.output_dir).resolve() == Path(cfg.pipeline).resolve():
+        raise ValueError(f"--output-dir {args.output_dir} is the --pipeline folder: fine-tuning writes a new folder "
+                         "(its weights, config.yaml and checkpoints would replace the base's); pick another")
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
@@ -241,6 +251,14 @@ def main(argv: list[str] | None = None) -> None:
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
+        record = out / "config.yaml"
+        changed = [c for c in changed_settings(yaml.safe_load(record.read_text()) or {},
+                                               yaml.safe_load(config_to_yaml(cfg)))
+                   if not c.startswith("optim.max_steps")] if record.is_file() else []
+        if changed:
+            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise ValueError(f"{out} holds a finished fine-tune with other settings ({shown}): use a new "
+                             "--output-dir, or --resume latest to continue that run with these")
         stage.print(f"finetune: finished output exists in {out}; skipping (to train it for longer pass --resume "
                     "latest and a larger --max-steps; for other settings use a new --output-dir)")
         return
