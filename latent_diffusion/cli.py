@@ -173,8 +173,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     _check_scales(args)
-    if not 0 <= args.seed <= 2**63 - args.num_images:
-        raise ValueError(f"--seed must be from 0 to 2**63 - {args.num_images} (image i uses seed + i), got {args.seed}")
+    if not -(2**63) <= args.seed <= 2**64 - args.num_images:  # what torch's manual_seed takes
+        raise ValueError(f"--seed must be from -2**63 to 2**64 - {args.num_images} (image i uses seed + i), got "
+                         f"{args.seed}")
     out_path = Path(args.out)
     grid = out_path.suffix.lower() in GRID_EXTENSIONS
     formats = ", ".join(sorted(GRID_EXTENSIONS))
@@ -184,9 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not grid and out_path.exists() and not out_path.is_dir():
         raise ValueError(f"--out {out_path} is a file that is not an image format written as a grid ({formats}); "
                          "give a folder, or an image file path")
-    if not grid and out_path.suffix and not out_path.is_dir():
-        raise ValueError(f"--out {out_path}: {out_path.suffix!r} is not an image format written as a grid "
-                         f"({formats}); give a folder name without an extension, or an image file path")
+    blocking = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out_path}: {blocking} is a file, not a folder")
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
     if args.lora:

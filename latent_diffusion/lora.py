@@ -302,11 +302,13 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
     if loaded:
         raise ValueError(f"a LoRA is already loaded into {loaded}; unload it first with pipe.unload_lora() "
                          "(pipe.fuse_lora() then pipe.unload_lora() keeps it baked into the weights)")
-    digest = lora_digest(path, wanted)
-    baked = [r for r in getattr(pipe, "fused_loras", []) if r.get("digest") == digest]
+    digests = lora_digests(path, wanted)
+    baked = [(name, r) for r in getattr(pipe, "fused_loras", []) for name, d in r.get("digests", {}).items()
+             if digests.get(name) == d]
     if baked:
-        raise ValueError(f"the LoRA in {path} is already fused into this pipeline's weights (from "
-                         f"{baked[0].get('path')!r} at scale {baked[0].get('scale')}, recorded in "
+        name, record = baked[0]
+        raise ValueError(f"the {name} LoRA in {path} is already fused into this pipeline's weights (from "
+                         f"{record.get('path')!r} at scale {record.get('scale')}, recorded in "
                          "pipe.fused_loras / model_index.json): loading it again would apply it twice")
     done: list[str] = []
     try:
@@ -320,17 +322,15 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
             raise ValueError(f"{error}; the LoRA was trained on the pipeline {index['base_pipeline']}") from None
         raise
     set_lora_scale(pipe, scale)
-    pipe._lora_record = {"path": str(path), "digest": digest, "components": done}
+    pipe._lora_record = {"path": str(path), "components": done, "digests": digests}
     return done
 
 
-def lora_digest(path: str | Path, components: Sequence[str]) -> str:
-    """SHA-256 (hex, first 16 digits) of the adapter weights of `components` in the LoRA folder `path`: the same
-    LoRA gives the same digest wherever its folder lies."""
-    h = hashlib.sha256()
-    for name in sorted(components):
-        h.update(name.encode() + b"\0" + (Path(path) / name / ADAPTER_WEIGHTS).read_bytes())
-    return h.hexdigest()[:16]
+def lora_digests(path: str | Path, components: Sequence[str]) -> dict[str, str]:
+    """{component: SHA-256 (hex, first 16 digits) of its adapter weights} for those of `components` whose file
+    exists in the LoRA folder `path`: the same adapter gives the same digest wherever its folder lies."""
+    files = {name: Path(path) / name / ADAPTER_WEIGHTS for name in components}
+    return {name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for name, f in files.items() if f.is_file()}
 
 
 # --- scale, fusion, unloading ---------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def fuse_lora(pipe: Any) -> None:
         layer.register_buffer(_BACKUP, layer.get_base_layer().weight.detach().clone(), persistent=False)
         layer.merge(adapter_names=[ADAPTER])
     record = getattr(pipe, "_lora_record", None)
-    if record is not None and "scale" not in record:  # the first fusion of this LoRA
+    if record is not None and "scale" not in record and scale != 0:  # the first fusion (scale 0 adds nothing)
         record["scale"] = scale
         pipe.fused_loras.append(record)
 
@@ -428,6 +428,6 @@ def unload_lora(pipe: Any) -> None:
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_COMPONENTS", "LORA_INDEX", "add_lora", "fuse_lora", "load_lora",
-    "load_lora_into", "lora_components", "lora_digest", "lora_layers", "lora_state_dict", "lora_target_modules",
+    "load_lora_into", "lora_components", "lora_digests", "lora_layers", "lora_state_dict", "lora_target_modules",
     "read_lora_index", "save_lora", "set_lora_scale", "unfuse_lora", "unload_lora",
 ]

@@ -17,6 +17,7 @@ embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.model
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -596,9 +597,10 @@ class TextToImagePipeline:
             return gens
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        if not _is_int(seed) or not 0 <= seed <= 2**63 - n:
-            raise ValueError(f"seed must be an integer from 0 to 2**63 - {n} (image i uses seed + i), got {seed!r}")
-        return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
+        if not _is_int(seed) or not -(2**63) <= int(seed) <= 2**64 - n:  # what manual_seed takes
+            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - {n} (image i uses seed + i), got "
+                             f"{seed!r}")
+        return [torch.Generator(device="cpu").manual_seed(int(seed) + i) for i in range(n)]
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | tuple[str, ...] | None = None,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
@@ -739,7 +741,8 @@ class TextToImagePipeline:
     def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
                 guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str | None = None,
                 seed: int | None = None, generator: Generators = None, output_type: OutputType = "pil",
-                progress: bool = True, image_guidance_scale: float | None = None) -> PipelineOutput:
+                progress: bool = True, image_guidance_scale: float | None = None,
+                prior_num_inference_steps: int = 25) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
         towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it and equals a text-to-image call
         with the same seed and settings. `image_guidance_scale` as in `__call__` (default: the pipeline's)."""
@@ -765,8 +768,9 @@ class TextToImagePipeline:
         if self.prior is not None:
             prior_text, prior_uncond = (text, uncond) if self._prior_reads_decoder_text else \
                 (self.encode_prior_prompt(prompts), self.encode_prior_prompt([""] * len(prompts)))
-            embeds = self.sample_prior(prior_text, prior_uncond, gens, num_inference_steps, prior_guidance_scale,
-                                       prior_sampler)
+            _check_count("prior_num_inference_steps", prior_num_inference_steps)
+            embeds = self.sample_prior(prior_text, prior_uncond, gens, prior_num_inference_steps,
+                                       prior_guidance_scale, prior_sampler)
         # floor, as SDEdit's implementations do: any strength below 1 keeps something of the image
         start = num_inference_steps - int(num_inference_steps * strength)
         if start >= num_inference_steps:
@@ -779,7 +783,14 @@ class TextToImagePipeline:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """An integer (Python, numpy, a 0-d integer tensor), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -789,11 +800,15 @@ def _check_count(name: str, value: Any) -> None:
 
 
 def _check_scale(name: str, value: Any) -> float:
-    """A guidance scale: a finite number >= 0 (NaN or inf would give black images)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not 0 <= value < math.inf:
+    """A guidance scale: a finite number >= 0 (NaN or inf would give black images); any real scalar, a 0-d tensor
+    included."""
+    try:
+        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if not 0 <= number < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return number
 
 
 def _prompt_list(prompt: Any) -> list[str]:

@@ -139,16 +139,16 @@ def test_out_paths_guidance_and_seed_are_checked_before_loading(tmp_path, capsys
     cases = {
         ("--guidance", "nan"): "--guidance must be a finite number >= 0, got nan",
         ("--image-guidance", "inf"): "--image-guidance must be a finite number >= 0, got inf",
-        ("--seed", str(2**64)): f"--seed must be from 0 to 2**63 - 4 (image i uses seed + i), got {2**64}",
+        ("--seed", str(2**64)): f"--seed must be from -2**63 to 2**64 - 4 (image i uses seed + i), got {2**64}",
         ("--out", str(tmp_path / "afile")): "is a file that is not an image format written as a grid",
         ("--out", str(tmp_path / "dir.png")): "is a folder; give an image file path for a grid",
-        ("--out", str(tmp_path / "o.txt")): "'.txt' is not an image format written as a grid",
+        ("--out", str(tmp_path / "afile" / "sub")): f"{tmp_path / 'afile'} is a file, not a folder",
+        ("--out", str(tmp_path / "afile" / "grid.png")): f"{tmp_path / 'afile'} is a file, not a folder",
     }
     for flags, message in cases.items():
         assert main(["generate", "x", "--pipeline", str(tmp_path / "pipe"), *flags]) == 2, flags
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (flags, err)
-    assert not (tmp_path / "o.txt").exists()
     assert main(["evaluate", "--pipeline", str(tmp_path / "pipe"), "--prior-guidance", "nan"]) == 2
     assert "--prior-guidance must be a finite number >= 0, got nan" in capsys.readouterr().err
 

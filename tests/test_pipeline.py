@@ -115,7 +115,7 @@ def test_image_guidance_apart_from_the_text(tiny_pipeline):
         # img2img at strength 1 is the text-to-image call, the pipeline's default included
         t2i = tiny_pipeline("a red circle", seed=0, output_type="pt", **FAST).images
         i2i = tiny_pipeline.img2img(image, "a red circle", strength=1.0, seed=0, output_type="pt",
-                                    num_inference_steps=3, progress=False).images
+                                    num_inference_steps=3, prior_num_inference_steps=3, progress=False).images
         torch.testing.assert_close(i2i, t2i, rtol=0, atol=1e-6)
     finally:
         tiny_pipeline.config = config
@@ -178,7 +178,7 @@ def test_slerp_endpoints_and_norm():
     (dict(output_type="jpg"), "unknown output_type"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(negative_prompt=[("blue", "red")]), "negative_prompt must be a string or a list of strings"),
-    (dict(seed=2**64), "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+    (dict(seed=2**64), "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1 .*, got 18446744073709551616"),
     (dict(latents=torch.zeros(1, 4, 4, 4)), r"latents have shape \(1, 4, 4, 4\); this call needs \(1, 4, 8, 8\)"),
 ])
 def test_bad_arguments_are_named(tiny_pipeline, kwargs, message):
@@ -204,6 +204,14 @@ def test_other_entry_points_check_their_arguments(tiny_pipeline, tiny_pipeline_d
     frames = tiny_pipeline.interpolate("a red circle", "a blue star", num_steps=2, num_inference_steps=2, seed=None,
                                        progress=False)  # seed=None: a random seed, as elsewhere
     assert len(frames.images) == 2
+    # what torch takes is taken: negative and 64-bit seeds, numpy integers, tensor scales and counts
+    kw = dict(output_type="pt", **FAST)
+    for seed in (-1, 2**64 - 1, np.int64(3)):
+        assert tiny_pipeline("a red circle", seed=seed, **kw).images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(
+        tiny_pipeline("a red circle", seed=0, guidance_scale=torch.tensor(2.0), **kw).images,
+        tiny_pipeline("a red circle", seed=0, guidance_scale=2.0, **kw).images, rtol=0, atol=0)
+    assert len(tiny_pipeline("a red circle", seed=0, num_images_per_prompt=torch.tensor(2), **kw).images) == 2
 
 
 def test_empty_prompt_list_and_long_prompt(tiny_pipeline):

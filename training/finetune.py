@@ -169,8 +169,10 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> FinetuneCo
     data = apply_overrides(data, list(overrides), cls=FinetuneConfig)
     cfg = config_from_dict(FinetuneConfig, data, source=str(args.config or "finetune config"))
     _check(cfg)
-    # one order whatever the typed one, so that checkpoints (the optimizer's state is by position) match
-    return dataclasses.replace(cfg, components=tuple(c for c in COMPONENTS if c in cfg.components))
+    # one order whatever the typed one, so that checkpoints (the optimizer's state is by position) match; the base
+    # recorded as an absolute path, so the record (config.yaml) names it from anywhere
+    return dataclasses.replace(cfg, components=tuple(c for c in COMPONENTS if c in cfg.components),
+                               pipeline=str(Path(cfg.pipeline).resolve()))
 
 
 def _check(cfg: FinetuneConfig) -> None:
@@ -252,15 +254,15 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
         record = out / "config.yaml"
-        changed = [c for c in changed_settings(yaml.safe_load(record.read_text()) or {},
-                                               yaml.safe_load(config_to_yaml(cfg)))
-                   if not c.startswith("optim.max_steps")] if record.is_file() else []
-        if changed:
-            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-            raise ValueError(f"{out} holds a finished fine-tune with other settings ({shown}): use a new "
-                             "--output-dir, or --resume latest to continue that run with these")
+        old = (yaml.safe_load(record.read_text()) or {}) if record.is_file() else {}
+        if old.get("pipeline") and Path(old["pipeline"]).resolve() == Path(cfg.pipeline).resolve():
+            old["pipeline"] = cfg.pipeline  # the same base, typed another way
+        changed = [c for c in changed_settings(old, yaml.safe_load(config_to_yaml(cfg)))
+                   if not c.startswith("optim.max_steps")] if old else []
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         stage.print(f"finetune: finished output exists in {out}; skipping (to train it for longer pass --resume "
-                    "latest and a larger --max-steps; for other settings use a new --output-dir)")
+                    "latest and a larger --max-steps; for other settings use a new --output-dir)"
+                    + (f". It was trained with other settings than these: {shown}" if changed else ""))
         return
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
