@@ -221,11 +221,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _check_scales(args: argparse.Namespace) -> None:
-    """The guidance flags must be finite and >= 0 (NaN or inf would give black images): checked before loading."""
+    """The guidance flags, checked as the pipeline checks them (finite, >= 0), before it loads."""
+    from latent_diffusion.pipeline import _check_scale
+
     for flag in ("guidance", "prior_guidance", "image_guidance"):
-        value = getattr(args, flag)
-        if value is not None and not 0 <= value < float("inf"):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if getattr(args, flag) is not None:
+            _check_scale(f"--{flag.replace('_', '-')}", getattr(args, flag))
 
 
 def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str], ...]:

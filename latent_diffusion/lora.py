@@ -321,8 +321,8 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
         if isinstance(error, ValueError) and index.get("base_pipeline"):
             raise ValueError(f"{error}; the LoRA was trained on the pipeline {index['base_pipeline']}") from None
         raise
-    set_lora_scale(pipe, scale)
     pipe._lora_record = {"path": str(path), "components": done, "digests": digests}
+    set_lora_scale(pipe, scale)
     return done
 
 
@@ -359,32 +359,27 @@ def set_lora_scale(pipe: Any, scale: float) -> None:
         raise ValueError("the LoRA is fused into the weights; call pipe.unfuse_lora() before changing its scale")
     for layer in layers:
         layer.set_scale(ADAPTER, float(scale))
+    record = getattr(pipe, "_lora_record", None)
+    if record is not None:
+        record["scale"] = scale
 
 
 def fuse_lora(pipe: Any) -> None:
     """Add the LoRA update (at its current scale) into the base weights: sampling runs at the base model's speed.
     The exact original weights are kept (one copy of the adapted layers) so `unfuse_lora` restores them bit for
     bit. Fusing twice does nothing."""
-    layers = _all_layers(pipe)
-    scale = _current_scale(layers)
-    for layer in layers:
+    for layer in _all_layers(pipe):
         if layer.merged:
             continue
         layer.register_buffer(_BACKUP, layer.get_base_layer().weight.detach().clone(), persistent=False)
         layer.merge(adapter_names=[ADAPTER])
     record = getattr(pipe, "_lora_record", None)
-    if record is not None and "scale" not in record and scale != 0:  # the first fusion (scale 0 adds nothing)
-        record["scale"] = scale
+    if record is not None and record.get("scale", 0) != 0 and not _fused(pipe, record):  # (scale 0 adds nothing)
         pipe.fused_loras.append(record)
 
 
-def _current_scale(layers: Sequence[nn.Module]) -> float | None:
-    """The user's scale s of the loaded LoRA (peft keeps (α / r) · s per layer), None where unknown."""
-    layer = layers[0]
-    try:
-        return float(layer.scaling[ADAPTER]) * layer.r[ADAPTER] / layer.lora_alpha[ADAPTER]
-    except (AttributeError, KeyError, TypeError, ZeroDivisionError):
-        return None
+def _fused(pipe: Any, record: dict[str, Any]) -> bool:
+    return any(r is record for r in pipe.fused_loras)
 
 
 def unfuse_lora(pipe: Any) -> None:
@@ -398,9 +393,8 @@ def unfuse_lora(pipe: Any) -> None:
             with torch.no_grad():
                 layer.get_base_layer().weight.copy_(backup)
     record = getattr(pipe, "_lora_record", None)
-    if record is not None and record in pipe.fused_loras:
-        pipe.fused_loras.remove(record)
-        del record["scale"]
+    if record is not None and _fused(pipe, record):
+        pipe.fused_loras[:] = [r for r in pipe.fused_loras if r is not record]
 
 
 def _remove_lora(module: nn.Module) -> None:

@@ -163,7 +163,7 @@ class TextToImagePipeline:
         self.prior_tokenizer, self.prior_text_encoder = prior_tokenizer, prior_text_encoder
         self.image_normalizer = image_normalizer
         self.config = config = config or PipelineConfig()
-        # LoRAs baked into the weights (`latent_diffusion.lora.fuse_lora`): {"path", "digest", "components",
+        # LoRAs baked into the weights (`latent_diffusion.lora.fuse_lora`): {"path", "components", "digests",
         # "scale"} each, saved in model_index.json so that loading the same LoRA again is refused
         self.fused_loras: list[dict[str, Any]] = []
         self._lora_record: dict[str, Any] | None = None  # the LoRA loaded now (`load_lora`)

@@ -58,7 +58,7 @@ from training.config import (
     positive_int,
     run_from_command_line,
 )
-from training.loop import StepRandom, changed_settings, fit, setup_stage
+from training.loop import StepRandom, changes_note, fit, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -257,12 +257,10 @@ def main(argv: list[str] | None = None) -> None:
         old = (yaml.safe_load(record.read_text()) or {}) if record.is_file() else {}
         if old.get("pipeline") and Path(old["pipeline"]).resolve() == Path(cfg.pipeline).resolve():
             old["pipeline"] = cfg.pipeline  # the same base, typed another way
-        changed = [c for c in changed_settings(old, yaml.safe_load(config_to_yaml(cfg)))
-                   if not c.startswith("optim.max_steps")] if old else []
-        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        shown = changes_note(old, yaml.safe_load(config_to_yaml(cfg))) if old else ""
         stage.print(f"finetune: finished output exists in {out}; skipping (to train it for longer pass --resume "
                     "latest and a larger --max-steps; for other settings use a new --output-dir)"
-                    + (f". It was trained with other settings than these: {shown}" if changed else ""))
+                    + (f". It was trained with other settings than these: {shown}" if shown else ""))
         return
     dataset = build_dataset(cfg.data, cfg.seed)  # bad data fails here, before any model loads
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)

@@ -127,16 +127,14 @@ class Stage:
             others = tuple(f"{n}." for n in ("clip", "vae", "prior", "decoder") if n != self.name) \
                 if isinstance(self.config, ExperimentConfig) else ()  # (the other stages' sections)
             # (a longer max_steps is how a finished run is continued: not worth a note)
-            changed = [c for c in changed_settings(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new))
-                       if not c.split(":")[0].endswith("max_steps") and not c.startswith(others)]
-            if changed:
+            shown = changes_note(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new), skip=others)
+            if shown:
                 kept = self.work_dir / f"config-before-step-{start}.yaml"
                 n = 1
                 while kept.exists():  # never over an earlier record (a resume that failed at this step, say)
                     n += 1
                     kept = self.work_dir / f"config-before-step-{start}-{n}.yaml"
                 shutil.copyfile(earlier, kept)
-                shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
                 self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
                            f"(its config is kept as {kept})")
         save_config(self.config, path)
@@ -159,6 +157,14 @@ class Stage:
             self.print(f"{self.name}: finished; stopping for the {pending} received near the end")
             close_process_group()  # every process stops here together (the sum above)
             raise SystemExit(128 + getattr(signal, pending))
+
+
+def changes_note(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """'key: old -> new; ...' for the settings that differ (8 named at most), leaving out max_steps (a longer run
+    is how a finished one is continued) and the keys starting with a prefix in `skip`; '' when none differ."""
+    changed = [c for c in changed_settings(old, new)
+               if not c.split(":")[0].endswith("max_steps") and not c.startswith(skip)]
+    return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
