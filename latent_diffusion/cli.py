@@ -222,11 +222,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _check_scales(args: argparse.Namespace) -> None:
     """The guidance flags, checked as the pipeline checks them (finite, >= 0), before it loads."""
-    from latent_diffusion.pipeline import _check_scale
+    from latent_diffusion.checks import check_scale
 
     for flag in ("guidance", "prior_guidance", "image_guidance"):
         if getattr(args, flag) is not None:
-            _check_scale(f"--{flag.replace('_', '-')}", getattr(args, flag))
+            check_scale(f"--{flag.replace('_', '-')}", getattr(args, flag))
 
 
 def heldout_pairs(folder: Path, text: str | None = None) -> tuple[tuple[str, str], ...]:

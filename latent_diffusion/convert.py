@@ -41,14 +41,8 @@ import torch
 from latent_diffusion.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig
 from latent_diffusion.io import read_json
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet
-from latent_diffusion.pipeline import (
-    MODEL_INDEX,
-    PipelineConfig,
-    SamplingConfig,
-    TextToImagePipeline,
-    _load_text_encoder,
-    _load_transformers,
-)
+from latent_diffusion.pipeline import PipelineConfig, SamplingConfig, TextToImagePipeline
+from latent_diffusion.pipeline_folder import MODEL_INDEX, load_text_encoder, load_transformers
 
 # pipeline class → the components it must have
 PIPELINES: dict[str, tuple[str, ...]] = {
@@ -229,7 +223,7 @@ def pipeline_from_diffusers(folder: str | Path) -> TextToImagePipeline:
         image_noising_schedule=noising, noise_level=0)
     components: dict[str, Any] = dict(
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder=_load_text_encoder(folder / "text_encoder", classes["text_encoder"], torch.float32),
+        text_encoder=load_text_encoder(folder / "text_encoder", classes["text_encoder"], torch.float32),
         decoder=UNet.from_diffusers(folder / "unet"), vae=vae,
         image_normalizer=ImageNormalizer.from_diffusers(folder / "image_normalizer"))
     if kind == "StableUnCLIPPipeline":
@@ -239,13 +233,13 @@ def pipeline_from_diffusers(folder: str | Path) -> TextToImagePipeline:
         components.update(
             prior=DiffusionPrior.from_diffusers(folder / "prior"),
             prior_tokenizer=CLIPTokenizer.from_pretrained(folder / "prior_tokenizer"),
-            prior_text_encoder=_load_text_encoder(folder / "prior_text_encoder", classes["prior_text_encoder"],
+            prior_text_encoder=load_text_encoder(folder / "prior_text_encoder", classes["prior_text_encoder"],
                                                   torch.float32))
     else:
         processor = read_json(folder / "feature_extractor" / "preprocessor_config.json")
         settings.update(image_mean=tuple(processor.get("image_mean", PipelineConfig.image_mean)),
                         image_std=tuple(processor.get("image_std", PipelineConfig.image_std)))
-        components["image_encoder"] = _load_transformers(CLIPVisionModelWithProjection, folder / "image_encoder",
+        components["image_encoder"] = load_transformers(CLIPVisionModelWithProjection, folder / "image_encoder",
                                                          dtype=torch.float32)
     c = components
     return TextToImagePipeline(c["tokenizer"], c["text_encoder"], c["decoder"], c["vae"], c.get("prior"),

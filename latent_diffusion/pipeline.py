@@ -11,13 +11,14 @@ and one subfolder per component: `tokenizer/`, `text_encoder/`, `image_encoder/`
 Optional as well: `prior_tokenizer/` + `prior_text_encoder/` when the prior reads the prompt with its own CLIP
 (Stable unCLIP with the Karlo prior), and `image_normalizer/` when the decoder takes noise-augmented image
 embeddings (`PipelineConfig.image_noising_schedule`, see `latent_diffusion.models.image_normalizer`).
-`TextToImagePipeline.from_diffusers` converts diffusers' Stable unCLIP folders (`latent_diffusion.convert`).
+`latent_diffusion.pipeline_folder` reads and writes these folders; `TextToImagePipeline.from_diffusers` converts
+diffusers' Stable unCLIP folders (`latent_diffusion.convert`). The image-conditioned calls (variations,
+interpolation, img2img) are in `latent_diffusion.image_tasks`.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from latent_diffusion.checks import check_count, check_scale, is_int, prompt_list
 from latent_diffusion.diffusion import (
     SAMPLERS,
     Denoiser,
@@ -43,13 +45,12 @@ from latent_diffusion.diffusion import (
     initial_noise_scale,
 )
 from latent_diffusion.diffusion.schedule import FINAL_SIGMAS, SPACINGS, Spacing
-from latent_diffusion.io import config_from_dict, config_to_dict, find_weights, read_json, save_json
+from latent_diffusion.image_tasks import ImageTasks, images_to_tensor, slerp
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet, noise_augment
 from latent_diffusion.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess, encode_text
 
 OutputType = Literal["pil", "np", "pt"]
 Generators = torch.Generator | list[torch.Generator] | None
-MODEL_INDEX = "model_index.json"
 
 
 @dataclass(frozen=True)
@@ -123,31 +124,10 @@ class PipelineOutput:
     image_embeds: torch.Tensor | None = None
 
 
-TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token states (B, L, D), pooled (B, P), mask (B, L)
 
 
-def _load_transformers(cls: type, folder: Path, **kwargs: Any) -> Any:
-    from safetensors import SafetensorError
-
-    weights = find_weights(folder)  # refuses pickles and names a missing file before transformers looks
-    try:
-        return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
-    except SafetensorError as error:  # (transformers passes it on without the file's name)
-        raise ValueError(f"cannot read {weights}: {error} (an incomplete or damaged file? save or copy it again)") \
-            from error
-
-
-def _load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype) -> Any:
-    """A `CLIPTextModel` or `CLIPTextModelWithProjection` from a component folder, by its recorded class name."""
-    import transformers
-
-    if class_name not in TEXT_ENCODER_CLASSES:
-        raise ValueError(f"component {folder.name!r} is a {class_name}; supported: {list(TEXT_ENCODER_CLASSES)}")
-    return _load_transformers(getattr(transformers, class_name), folder, dtype=dtype)
-
-
-class TextToImagePipeline:
+class TextToImagePipeline(ImageTasks):
     """Generate images from prompts. Components: a `transformers` CLIP tokenizer and text encoder
     (`CLIPTextModelWithProjection`, or a plain `CLIPTextModel` for a decoder that reads only the token states),
     an optional `DiffusionPrior` (with, optionally, its own `prior_tokenizer` / `prior_text_encoder`; by default
@@ -249,96 +229,20 @@ class TextToImagePipeline:
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None,
                         components: list[str] | None = None) -> None:
-        """Write the pipeline folder (see the module docstring). `dtype` (e.g. torch.float16) shrinks weights.
-        `components` writes only those (plus `model_index.json`), leaving the others' files untouched."""
-        from transformers.utils import logging as hf_logging
+        """Write the pipeline folder (see the module docstring and `latent_diffusion.pipeline_folder`). `dtype`
+        (e.g. torch.float16) shrinks weights. `components` writes only those (plus `model_index.json`), leaving
+        the others' files untouched."""
+        from latent_diffusion.pipeline_folder import save_pipeline
 
-        from latent_diffusion.lora import lora_components
-
-        hf_logging.disable_progress_bar()  # transformers' per-file "Writing model shards" bars
-
-        adapted = lora_components(self)
-        if adapted:
-            raise ValueError(f"a LoRA is loaded into {adapted}: call unload_lora() first, or fuse_lora() then "
-                             "unload_lora() to save it baked into the weights")
-        folder = Path(folder)
-        tokenizers = {"tokenizer": self.tokenizer, "prior_tokenizer": self.prior_tokenizer}
-        tokenizers = {k: v for k, v in tokenizers.items() if v is not None}
-        for name, tok in tokenizers.items():
-            if components is None or name in components:
-                tok.save_pretrained(folder / name)
-        for name, m in self._modules().items():
-            if components is not None and name not in components:
-                continue
-            if isinstance(m, (UNet, AutoencoderKL, DiffusionPrior, ImageNormalizer)):
-                m.save_pretrained(folder / name, dtype=dtype)
-            else:
-                m.save_pretrained(folder / name, safe_serialization=True)
-                if dtype is not None:
-                    _cast_safetensors(folder / name / "model.safetensors", dtype)
-        index = {"_class_name": type(self).__name__, "_version": "0.1.0",
-                 "components": {k: type(m).__name__ for k, m in (self._modules() | tokenizers).items()},
-                 "config": config_to_dict(self.config)}
-        if self.fused_loras:
-            index["fused_loras"] = self.fused_loras
-        save_json(folder / MODEL_INDEX, index)
-
+        save_pipeline(self, folder, dtype, components)
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> TextToImagePipeline:
         """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
-        to `dtype` (fp32 by default)."""
-        from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
-        from transformers.utils import logging as hf_logging
+        to `dtype` (fp32 by default; also by name, "float16")."""
+        from latent_diffusion.pipeline_folder import load_pipeline
 
-        hf_logging.disable_progress_bar()
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"pipeline folder not found: {folder}")
-        if isinstance(dtype, str):  # "float16", "torch.bfloat16", ...
-            name = dtype.removeprefix("torch.")
-            if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
-                raise ValueError(f"dtype={dtype!r} is not a torch floating-point type; use torch.float32, "
-                                 "torch.float16 or torch.bfloat16 (or their names)")
-            dtype = getattr(torch, name)
-        index = read_json(folder / MODEL_INDEX)
-        if "_diffusers_version" in index:
-            from latent_diffusion.convert import PIPELINES
-
-            kind = index.get("_class_name", "pipeline")
-            if kind in PIPELINES:
-                raise ValueError(f"{folder} is a diffusers {kind} folder: load it with "
-                                 "TextToImagePipeline.from_diffusers, or convert it once with `latent-diffusion "
-                                 "convert --from-diffusers SOURCE DEST`")
-            raise ValueError(f"{folder} is a diffusers {kind} folder, which does not convert to a pipeline (those "
-                             f"that do: {list(PIPELINES)}); its UNet and VAE folders load with UNet.from_diffusers "
-                             "and AutoencoderKL.from_diffusers")
-        components = index.get("components", {})
-        for required in ("tokenizer", "text_encoder", "decoder", "vae"):
-            if required not in components:
-                raise ValueError(f"{folder / MODEL_INDEX} lists no {required!r} component")
-        for name in components:
-            if not (folder / name).is_dir():
-                raise FileNotFoundError(f"missing component folder {folder / name}")
-        config = config_from_dict(PipelineConfig, index.get("config", {}), source=str(folder / MODEL_INDEX))
-        dtype = dtype or torch.float32
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = _load_text_encoder(folder / "text_encoder", components["text_encoder"], dtype)
-        image_encoder = None
-        if "image_encoder" in components:
-            image_encoder = _load_transformers(CLIPVisionModelWithProjection, folder / "image_encoder", dtype=dtype)
-        prior = DiffusionPrior.from_pretrained(folder / "prior", dtype=dtype) if "prior" in components else None
-        extra: dict[str, Any] = {}
-        if "prior_text_encoder" in components:
-            extra["prior_tokenizer"] = CLIPTokenizer.from_pretrained(folder / "prior_tokenizer")
-            extra["prior_text_encoder"] = _load_text_encoder(folder / "prior_text_encoder",
-                                                             components["prior_text_encoder"], dtype)
-        if "image_normalizer" in components:
-            extra["image_normalizer"] = ImageNormalizer.from_pretrained(folder / "image_normalizer", dtype=dtype)
-        pipe = cls(tokenizer, text_encoder, UNet.from_pretrained(folder / "decoder", dtype=dtype),
-                   AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config, **extra)
-        pipe.fused_loras = list(index.get("fused_loras", []))
+        pipe = load_pipeline(cls, folder, dtype)
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
@@ -381,7 +285,7 @@ class TextToImagePipeline:
         """PIL image(s), image file path(s) or a tensor (B, 3, H, W) in [0, 1] → CLIP image embeddings (B, D)."""
         if self.image_encoder is None:
             raise ValueError("this pipeline has no image_encoder; image variations need one")
-        pixels = _to_tensor(images, self.device, torch.float32)  # resampling kernels want fp32 on CPU
+        pixels = images_to_tensor(images, self.device, torch.float32)  # resampling kernels want fp32 on CPU
         size = self.image_encoder.config.image_size
         pixels = clip_image_preprocess(pixels, size, self.config.image_mean, self.config.image_std)
         return self.image_encoder(pixel_values=pixels.to(self.dtype)).image_embeds
@@ -566,9 +470,9 @@ class TextToImagePipeline:
 
     def _check(self, steps: int, guidance_scale: float, prior_guidance_scale: float, sampler: str,
                output_type: str, height: int | None, width: int | None) -> tuple[int, int]:
-        _check_count("num_inference_steps", steps)
+        check_count("num_inference_steps", steps)
         for name, value in (("guidance_scale", guidance_scale), ("prior_guidance_scale", prior_guidance_scale)):
-            _check_scale(name, value)
+            check_scale(name, value)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if output_type not in ("pil", "np", "pt"):
@@ -577,7 +481,7 @@ class TextToImagePipeline:
         height = self.config.sample_size if height is None else height
         width = self.config.sample_size if width is None else width
         for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value < f or value % f:
+            if not is_int(value) or value < f or value % f:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of the VAE factor {f}")
         return height // f, width // f
 
@@ -597,7 +501,7 @@ class TextToImagePipeline:
             return gens
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        if not _is_int(seed) or not -(2**63) <= int(seed) <= 2**64 - n:  # what manual_seed takes
+        if not is_int(seed) or not -(2**63) <= int(seed) <= 2**64 - n:  # what manual_seed takes
             raise ValueError(f"seed must be an integer from -2**63 to 2**64 - {n} (image i uses seed + i), got "
                              f"{seed!r}")
         return [torch.Generator(device="cpu").manual_seed(int(seed) + i) for i in range(n)]
@@ -621,8 +525,8 @@ class TextToImagePipeline:
         `PipelineConfig.noise_level` (noise-augmented decoders only). `seed` seeds image i with seed + i;
         `generator` may be one generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
         """
-        prompts = _prompt_list(prompt)
-        _check_count("num_images_per_prompt", num_images_per_prompt)
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
         elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(n, str) for n in negative_prompt):
@@ -636,9 +540,9 @@ class TextToImagePipeline:
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             height, width)
         if self.prior is not None and image_embeds is None:
-            _check_count("prior_num_inference_steps", prior_num_inference_steps)
+            check_count("prior_num_inference_steps", prior_num_inference_steps)
         self._noise_level(noise_level)
-        image_guidance_scale = _check_scale("image_guidance_scale",
+        image_guidance_scale = check_scale("image_guidance_scale",
                                             self.image_guidance(image_guidance_scale, guidance_scale))
         if not 0.0 <= guidance_rescale <= 1.0:  # (NaN fails too)
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -674,163 +578,6 @@ class TextToImagePipeline:
                 return scale
         return guidance_scale
 
-    def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
-                         guidance_scale: float = 5.0, sampler: str | None = None, seed: int | None = None,
-                         generator: Generators = None, output_type: OutputType = "pil", progress: bool = True,
-                         prompt: str = "", negative_prompt: str | None = None,
-                         noise_level: int | None = None) -> PipelineOutput:
-        """Variations of image(s): decode their CLIP image embeddings (unCLIP §3.1) with `prompt` (default empty;
-        Stable unCLIP's image variations take one too) and, for noise-augmented decoders, `noise_level`."""
-        _check_count("num_images_per_prompt", num_images_per_prompt)
-        embeds = self.encode_image(image)
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return self([prompt] * (embeds.shape[0] // num_images_per_prompt), negative_prompt=negative_prompt,
-                    num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, sampler=sampler, seed=seed, generator=generator,
-                    image_embeds=embeds, output_type=output_type, progress=progress, noise_level=noise_level,
-                    image_guidance_scale=guidance_scale)  # the image is the point here, whatever the default
-
-    @torch.no_grad()
-    def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
-                    num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
-                    sampler: str | None = None, seed: int | None = 0, output_type: OutputType = "pil",
-                    progress: bool = True, image_guidance_scale: float | None = None) -> PipelineOutput:
-        """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
-        `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
-        same seed (None: a random one); when both ends are prompts their text conditioning is interpolated linearly
-        too, and the decoder's image guidance defaults as in a text-to-image call (`image_guidance`), else (an
-        image at either end) to `guidance_scale`, as in `image_variations`."""
-        if not _is_int(num_steps) or num_steps < 2:
-            raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
-        if not self.decoder.config.uses_image_embeds:
-            raise ValueError("interpolation needs a decoder conditioned on CLIP image embeddings")
-        sampler, prior_sampler = self._samplers(sampler, None)
-        if image_guidance_scale is None and not (isinstance(a, str) and isinstance(b, str)):
-            image_guidance_scale = guidance_scale  # an image at an end: its embedding is the point
-        image_guidance_scale = _check_scale("image_guidance_scale",
-                                            self.image_guidance(image_guidance_scale, guidance_scale))
-        seed = self._generators(1, seed, None)[0].initial_seed()
-        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
-                            None, None)
-
-        def embed(end: str | Image.Image) -> torch.Tensor:
-            if isinstance(end, str):
-                if self.prior is None:
-                    raise ValueError("interpolating prompts needs a prior")
-                text, uncond = self.encode_prior_prompt([end]), self.encode_prior_prompt([""])
-                return self.sample_prior(text, uncond, self._generators(1, seed, None), num_inference_steps,
-                                         prior_guidance_scale, prior_sampler)
-            return self.encode_image(end)
-
-        ea, eb = embed(a), embed(b)
-        w = torch.linspace(0, 1, num_steps, device=self.device, dtype=self.dtype)
-        embeds = torch.cat([slerp(ea, eb, float(t)) for t in w])
-        prompts = [a if isinstance(a, str) and isinstance(b, str) else ""] * num_steps
-        text = self.encode_prompt(prompts)
-        if isinstance(a, str) and isinstance(b, str):
-            tb = self.encode_prompt([b] * num_steps)
-            lerp = w.view(-1, 1, 1)
-            text = ((1 - lerp) * text[0] + lerp * tb[0], (1 - lerp[:, 0]) * text[1] + lerp[:, 0] * tb[1], text[2])
-        uncond = self.encode_prompt([""] * num_steps)
-        gens = [torch.Generator().manual_seed(seed) for _ in range(num_steps)]
-        x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
-                                progress=progress, image_guidance_scale=image_guidance_scale)
-        return PipelineOutput(self.decode_latents(x, output_type), embeds)
-
-    @torch.no_grad()
-    def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
-                guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0, sampler: str | None = None,
-                seed: int | None = None, generator: Generators = None, output_type: OutputType = "pil",
-                progress: bool = True, image_guidance_scale: float | None = None,
-                prior_num_inference_steps: int = 25) -> PipelineOutput:
-        """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
-        towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it and equals a text-to-image call
-        with the same seed and settings. `image_guidance_scale` as in `__call__` (default: the pipeline's)."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        sampler, prior_sampler = self._samplers(sampler, None)
-        image_guidance_scale = _check_scale("image_guidance_scale",
-                                            self.image_guidance(image_guidance_scale, guidance_scale))
-        pixels = _to_tensor(image, self.device, self.dtype)
-        prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else _prompt_list(prompt)
-        if len(prompts) != pixels.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {pixels.shape[0]} images")
-        f = self.vae.config.downsample_factor
-        if pixels.shape[-2] % f or pixels.shape[-1] % f:
-            raise ValueError(f"the image is {pixels.shape[-1]}×{pixels.shape[-2]} pixels; img2img needs a width and "
-                             f"height that are multiples of the VAE factor {f}: resize or crop it first")
-        shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
-                            pixels.shape[-2], pixels.shape[-1])
-        latents = self.encode_latents(pixels * 2 - 1)
-        gens = self._generators(len(prompts), seed, generator)
-        text, uncond = self.encode_prompt(prompts), self.encode_prompt([""] * len(prompts))
-        embeds = None
-        if self.prior is not None:
-            prior_text, prior_uncond = (text, uncond) if self._prior_reads_decoder_text else \
-                (self.encode_prior_prompt(prompts), self.encode_prior_prompt([""] * len(prompts)))
-            _check_count("prior_num_inference_steps", prior_num_inference_steps)
-            embeds = self.sample_prior(prior_text, prior_uncond, gens, prior_num_inference_steps,
-                                       prior_guidance_scale, prior_sampler)
-        # floor, as SDEdit's implementations do: any strength below 1 keeps something of the image
-        start = num_inference_steps - int(num_inference_steps * strength)
-        if start >= num_inference_steps:
-            return PipelineOutput(self.decode_latents(latents, output_type), embeds)
-        # strength 1 starts from pure noise: the image is ignored.
-        x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
-                                latents=latents if start > 0 else None, start=start, progress=progress,
-                                image_guidance_scale=image_guidance_scale)
-        return PipelineOutput(self.decode_latents(x, output_type), embeds)
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (Python, numpy, a 0-d integer tensor), not a bool."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _check_count(name: str, value: Any) -> None:
-    """Refuse a count (steps, images) that is not an integer >= 1, naming it."""
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_scale(name: str, value: Any) -> float:
-    """A guidance scale: a finite number >= 0 (NaN or inf would give black images); any real scalar, a 0-d tensor
-    included."""
-    try:
-        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
-    except (TypeError, ValueError, RuntimeError):
-        number = math.nan
-    if not 0 <= number < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return number
-
-
-def _prompt_list(prompt: Any) -> list[str]:
-    """`prompt` (a string, or a list/tuple of strings) as a non-empty list, refusing anything else by value."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if prompts is None or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
-    if not prompts:
-        raise ValueError("prompt is an empty list; pass at least one prompt")
-    return prompts
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation between rows of a and b (B, D), interpolating the norm linearly."""
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-    ua, ub = a / na, b / nb
-    omega = torch.acos((ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
-    so = torch.sin(omega)
-    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so
-    return direction * ((1 - t) * na + t * nb)
-
-
 def _run_sampler(name: str, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor,
                  generators: list[torch.Generator], label: str, progress: bool, callback: Any = None) -> torch.Tensor:
     """`get_sampler(name)(denoiser, x, sigmas, ...)` with a progress bar labelled `label` ("prior", "decoder")
@@ -861,40 +608,6 @@ def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: to
     device the models run on)."""
     rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32, device=g.device).cpu() for g in generators]
     return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-def _to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """PIL image(s) or image file path(s) (any mode: transparency on white) or a tensor (B, 3, H, W) / (3, H, W)
-    in [0, 1] → (B, 3, H, W) in [0, 1]."""
-    from latent_diffusion.data.image_text import open_image, to_rgb
-
-    if isinstance(images, torch.Tensor):
-        t = images if images.ndim == 4 else images[None]
-    else:
-        images = images if isinstance(images, (list, tuple)) else [images]
-        opened = []
-        for im in images:
-            if isinstance(im, (str, Path)):
-                im = open_image({"path": str(im)})
-            if not isinstance(im, Image.Image):
-                raise TypeError(f"expected PIL images, image file paths or a (B, 3, H, W) tensor, got "
-                                f"{type(im).__name__}")
-            opened.append(to_rgb(im))
-        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in opened]
-        sizes = {a.shape for a in arrays}
-        if len(sizes) > 1:
-            raise ValueError(f"images have different sizes {sorted(sizes)}; resize them to one size")
-        t = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    if t.shape[1] != 3:
-        raise ValueError(f"images must have 3 channels, got shape {tuple(t.shape)}")
-    return t.to(device=device, dtype=dtype)
-
-
-def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
-    from latent_diffusion.io import load_safetensors, save_safetensors
-
-    state = load_safetensors(path)
-    save_safetensors(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
 
 
 __all__ = ["PipelineConfig", "PipelineOutput", "TextToImagePipeline", "slerp"]
