@@ -551,7 +551,7 @@ def test_a_signal_after_the_last_check_finishes_the_stage_then_stops(tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from training.loop import Stage
+    from training.stage import Stage
 
     stage = Stage("vae", load_config(MICRO), Accelerator(cpu=True), tmp_path, tmp_path / "_work" / "vae", 4, None)
     stage.work_dir.mkdir(parents=True)
@@ -891,7 +891,7 @@ def test_mixed_precision_comes_from_the_config_else_the_launcher(tmp_path, monke
 
     from accelerate.state import AcceleratorState
 
-    from training.loop import setup_stage
+    from training.stage import setup_stage
 
     if launcher is None:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -1038,7 +1038,7 @@ def test_clip_stage_takes_a_pretrained_clip_and_records_the_config(tmp_path):
 def test_accelerate_engines_the_stages_do_not_run_under_are_refused(kind):
     from accelerate.utils import DistributedType
 
-    from training.loop import check_distributed_type
+    from training.stage import check_distributed_type
 
     with pytest.raises(ValueError, match=f"distributed_type {DistributedType[kind].value}.*multi_gpu.yaml"):
         check_distributed_type(DistributedType[kind])

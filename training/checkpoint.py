@@ -24,7 +24,7 @@ from training import sharding
 
 if TYPE_CHECKING:
     from training.ema import EMA
-    from training.loop import Stage
+    from training.stage import Stage
 
 
 def list_checkpoints(work_dir: Path) -> list[Path]:

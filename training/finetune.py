@@ -58,7 +58,8 @@ from training.config import (
     positive_int,
     run_from_command_line,
 )
-from training.loop import StepRandom, changes_note, fit, setup_stage
+from training.loop import StepRandom, fit
+from training.stage import changes_note, setup_stage
 
 # Defaults that depend on the method, applied under the config file, flags and overrides.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -26,7 +26,8 @@ from latent_diffusion.models.clip import (
 )
 from training.common import build_dataset, dataset_captions, excluded_pairs
 from training.config import run_from_command_line, stage_parser
-from training.loop import fit, setup_stage
+from training.loop import fit
+from training.stage import setup_stage
 
 
 class _GatherRows(torch.autograd.Function):

@@ -29,7 +29,8 @@ from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetCon
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
 from training.common import SCHEDULE_FILE, TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
 from training.config import ExperimentConfig, run_from_command_line, stage_parser
-from training.loop import fit, setup_stage
+from training.loop import fit
+from training.stage import setup_stage
 
 
 class CachedFeatures(Dataset):

@@ -21,7 +21,8 @@ from latent_diffusion.models import DiffusionPrior, DiffusionPriorConfig
 from latent_diffusion.pipeline import PipelineConfig
 from training.common import SCHEDULE_FILE, build_dataset, encode_batch, load_clip
 from training.config import run_from_command_line, stage_parser
-from training.loop import fit, setup_stage
+from training.loop import fit
+from training.stage import setup_stage
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,8 @@ from latent_diffusion.models import (
 )
 from training.common import build_dataset
 from training.config import run_from_command_line, stage_parser
-from training.loop import fit, setup_stage
+from training.loop import fit
+from training.stage import setup_stage
 
 
 def random_crop(x: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:

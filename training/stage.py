@@ -1,0 +1,218 @@
+"""A training stage's set-up and bookkeeping: `setup_stage` parses the config, starts Accelerate and makes the
+folders; `Stage` carries them through `main()` and `fit`, and records the run — the resolved config (with a note
+of the settings a resumed run changed) and the DONE marker that lets `train_all --resume latest` skip a finished
+stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from training.checkpoint import checkpoint_step, list_checkpoints
+from training.config import (
+    ExperimentConfig,
+    FinetuneConfig,
+    OptimConfig,
+    close_process_group,
+    config_to_yaml,
+    load_config,
+    save_config,
+)
+
+
+@dataclass
+class Stage:
+    """What a stage's `main()` works with: the config, the Accelerator and its folders."""
+
+    name: str
+    config: ExperimentConfig | FinetuneConfig
+    accelerator: Accelerator
+    output_dir: Path  # the pipeline folder all stages write into
+    work_dir: Path  # output_dir/_work/<stage>: checkpoints, metrics, validation images
+    max_steps: int
+    resume: str | None
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (training/sharding.py)
+    trained_only: bool = False  # checkpoints hold the trained parameters only (LoRA: the frozen base is elsewhere)
+    base: Path | None = None  # the folder the frozen base comes from: checkpoints record its fingerprint, checked
+    base_fingerprint: str | None = None  # checkpoint.pipeline_fingerprint(base), taken when the base was loaded
+    check_legacy: Callable[[Path], None] | None = None  # checks a checkpoint from before parameter orders were saved
+    pending_signal: str | None = None  # SIGINT/SIGTERM met in the last steps, past the loop's last check
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def done(self, component: str) -> bool:
+        """True when this stage's finished output exists and `--resume` does not ask for more steps than the
+        finished run was given (so `train_all --resume latest` skips it, also when `optim.max_minutes` ended it
+        early; raise its max_steps to continue it)."""
+        if not ((self.work_dir / "DONE").is_file() and (self.output_dir / component).is_dir()):
+            return False
+        if self.resume is None:
+            return True
+        finished_for = self.finished_for()
+        if finished_for is not None:
+            return self.max_steps <= finished_for
+        found = list_checkpoints(self.work_dir)  # a marker from before max_steps was recorded in it
+        return bool(found) and checkpoint_step(found[-1]) >= self.max_steps
+
+    def finished_for(self) -> int | None:
+        """The max_steps of the run that marked this stage DONE (None: no marker, or one that does not say)."""
+        marker = self.work_dir / "DONE"
+        found = re.search(r"^max_steps (\d+)$", marker.read_text(), re.MULTILINE) if marker.is_file() else None
+        return int(found.group(1)) if found else None
+
+    def skip_if_done(self, component: str) -> bool:
+        """True, after saying so, when `done(component)`."""
+        if not self.done(component):
+            return False
+        finished_for = self.finished_for()
+        run = f"a run of max_steps {finished_for}" if finished_for is not None else "its run"
+        hint = f" (it finished {run}: to continue it, pass --resume latest and a larger max_steps)"
+        self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
+        return True
+
+    def record_config(self, start: int = 0) -> None:
+        """Write the resolved config to OUTPUT_DIR/config.yaml and to this stage's `_work/<stage>/config.yaml`
+        (main process): done by a stage once it is about to train (`fit`, past its checks), so a skipped or refused
+        stage leaves the record of the run that trained it. A run resumed at `start` > 0 with other settings than
+        this stage's own record says which (under train_all, of the shared settings and this stage's section only),
+        and keeps the earlier record as `_work/<stage>/config-before-step-<start>.yaml`."""
+        if not self.is_main:
+            return
+        path, own = self.output_dir / "config.yaml", self.work_dir / "config.yaml"
+        earlier = own if own.is_file() else path  # (runs from before the per-stage record compare the shared one)
+        new = config_to_yaml(self.config)
+        if start > 0 and earlier.is_file() and earlier.read_text() != new:
+            others = tuple(f"{n}." for n in ("clip", "vae", "prior", "decoder") if n != self.name) \
+                if isinstance(self.config, ExperimentConfig) else ()  # (the other stages' sections)
+            # (a longer max_steps is how a finished run is continued: not worth a note)
+            shown = changes_note(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new), skip=others)
+            if shown:
+                kept = self.work_dir / f"config-before-step-{start}.yaml"
+                n = 1
+                while kept.exists():  # never over an earlier record (a resume that failed at this step, say)
+                    n += 1
+                    kept = self.work_dir / f"config-before-step-{start}-{n}.yaml"
+                shutil.copyfile(earlier, kept)
+                self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
+                           f"(its config is kept as {kept})")
+        save_config(self.config, path)
+        save_config(self.config, own)
+
+    def mark_done(self) -> None:
+        """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
+        stop every process as the signal asked, before any later stage starts. Processes agree on that once the
+        marker is written (a rank that left early would make the launcher kill the others mid-save)."""
+        acc = self.accelerator
+        if self.is_main:
+            (self.work_dir / "DONE").write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                                                f"max_steps {self.max_steps}\n")
+        pending = self.pending_signal
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()
+            if acc.reduce(torch.tensor(float(pending is not None), device=acc.device), reduction="sum") > 0:
+                pending = pending or "SIGTERM"
+        if pending is not None:
+            self.print(f"{self.name}: finished; stopping for the {pending} received near the end")
+            close_process_group()  # every process stops here together (the sum above)
+            raise SystemExit(128 + getattr(signal, pending))
+
+
+def changes_note(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """'key: old -> new; ...' for the settings that differ (8 named at most), leaving out max_steps (a longer run
+    is how a finished one is continued) and the keys starting with a prefix in `skip`; '' when none differ."""
+    changed = [c for c in changed_settings(old, new)
+               if not c.split(":")[0].endswith("max_steps") and not c.startswith(skip)]
+    return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_distributed_type(kind: DistributedType) -> None:
+    """Refuse the Accelerate engines the stages do not run under: its FSDP (the stages shard themselves), DeepSpeed
+    and Megatron-LM (their own checkpoint formats skip the stages' save hooks: EMA, trained-only LoRA state)."""
+    if kind == DistributedType.FSDP:
+        raise ValueError("this Accelerate config uses distributed_type FSDP, which the stages do not use: launch with "
+                         "a data-parallel config (configs/accelerate/multi_gpu.yaml) and pass --fsdp; each stage "
+                         "then shards its model block by block itself (training/sharding.py)")
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"this Accelerate config uses distributed_type {kind.value}, which the stages do not support "
+                         "(their checkpoints, EMA and LoRA-only saves go through Accelerate's own save hooks): launch "
+                         "with a data-parallel config (configs/accelerate/multi_gpu.yaml), adding --fsdp to shard "
+                         "large models")
+
+
+def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any], OptimConfig],
+                cpu: bool = False, config: FinetuneConfig | None = None, shardable: bool = True,
+                find_unused_parameters: bool = False) -> Stage:
+    """Parse the config (unless a resolved `config` is given), start Accelerate with the stage's mixed precision
+    and create the folders (main process only). The config is recorded once the stage trains (`fit`,
+    `Stage.record_config`). `find_unused_parameters`: the trained parameters include some a step may not reach
+    (DDP must then look for them, or it stops at the second step)."""
+    config = load_config(args.config, overrides) if config is None else config
+    if args.max_steps is not None:  # every stage's optim.max_steps (train_all passes it to all), recorded
+        config = _with_max_steps(config, args.max_steps)
+    oc = optim(config)
+    fsdp = bool(getattr(args, "fsdp", False))
+    if fsdp and not shardable:
+        raise ValueError(f"{name}: --fsdp is not supported by this stage (it covers train_vae, train_prior and "
+                         "train_decoder); launch it without --fsdp")
+    # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
+    # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
+    # oc.mixed_precision None leaves the choice to the launcher (ACCELERATE_MIXED_PRECISION); a value overrides it.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
+                              kwargs_handlers=handlers)
+    check_distributed_type(accelerator.distributed_type)
+    set_seed(config.seed)
+    output_dir = Path(args.output_dir)
+    work_dir = output_dir / "_work" / name
+    if accelerator.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    if fsdp and accelerator.num_processes < 2:
+        raise ValueError(f"{name}: --fsdp shards across processes but this run has one; launch with "
+                         "`accelerate launch --multi_gpu --num_processes N` (N >= 2) or drop --fsdp")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        source = "the config" if oc.mixed_precision is not None else "the launcher, or Accelerate's default"
+        print(f"{name}: mixed precision {accelerator.mixed_precision} (from {source})", flush=True)
+    return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
+
+
+def _with_max_steps(config: Any, max_steps: int) -> Any:
+    """`config` (nested frozen dataclasses) with `max_steps` in every OptimConfig it holds (absent sections, such
+    as `prior: null`, stay absent)."""
+    if isinstance(config, OptimConfig):
+        return dataclasses.replace(config, max_steps=max_steps)
+    changes = {f.name: _with_max_steps(getattr(config, f.name), max_steps) for f in dataclasses.fields(config)
+               if dataclasses.is_dataclass(getattr(config, f.name))}
+    return dataclasses.replace(config, **changes) if changes else config
