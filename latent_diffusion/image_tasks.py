@@ -40,12 +40,14 @@ class ImageTasks:
     def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
                     sampler: str | None = None, seed: int | None = 0, output_type: OutputType = "pil",
-                    progress: bool = True, image_guidance_scale: float | None = None) -> PipelineOutput:
+                    progress: bool = True, image_guidance_scale: float | None = None,
+                    prior_num_inference_steps: int = 25) -> PipelineOutput:
         """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
         `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
         same seed (None: a random one); when both ends are prompts their text conditioning is interpolated linearly
         too, and the decoder's image guidance defaults as in a text-to-image call (`image_guidance`), else (an
-        image at either end) to `guidance_scale`, as in `image_variations`."""
+        image at either end) to `guidance_scale`, as in `image_variations`. The prior samples with
+        `prior_num_inference_steps`, as in a text-to-image call."""
         if not is_int(num_steps) or num_steps < 2:
             raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
         if not self.decoder.config.uses_image_embeds:
@@ -54,18 +56,20 @@ class ImageTasks:
         if image_guidance_scale is None and not (isinstance(a, str) and isinstance(b, str)):
             image_guidance_scale = guidance_scale  # an image at an end: its embedding is the point
         image_guidance_scale = check_scale("image_guidance_scale",
-                                            self.image_guidance(image_guidance_scale, guidance_scale))
+                                           self.image_guidance(image_guidance_scale, guidance_scale))
         seed = self._generators(1, seed, None)[0].initial_seed()
         shape = self._check(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, output_type,
                             None, None)
+        if isinstance(a, str) or isinstance(b, str):
+            check_count("prior_num_inference_steps", prior_num_inference_steps)
 
         def embed(end: str | Image.Image) -> torch.Tensor:
             if isinstance(end, str):
                 if self.prior is None:
                     raise ValueError("interpolating prompts needs a prior")
                 text, uncond = self.encode_prior_prompt([end]), self.encode_prior_prompt([""])
-                return self.sample_prior(text, uncond, self._generators(1, seed, None), num_inference_steps,
-                                         prior_guidance_scale, prior_sampler)
+                return self.sample_prior(text, uncond, self._generators(1, seed, None), prior_num_inference_steps,
+                                         prior_guidance_scale, prior_sampler, progress)
             return self.encode_image(end)
 
         ea, eb = embed(a), embed(b)
@@ -96,7 +100,7 @@ class ImageTasks:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         sampler, prior_sampler = self._samplers(sampler, None)
         image_guidance_scale = check_scale("image_guidance_scale",
-                                            self.image_guidance(image_guidance_scale, guidance_scale))
+                                           self.image_guidance(image_guidance_scale, guidance_scale))
         pixels = images_to_tensor(image, self.device, self.dtype)
         prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else prompt_list(prompt)
         if len(prompts) != pixels.shape[0]:

@@ -543,7 +543,7 @@ class TextToImagePipeline(ImageTasks):
             check_count("prior_num_inference_steps", prior_num_inference_steps)
         self._noise_level(noise_level)
         image_guidance_scale = check_scale("image_guidance_scale",
-                                            self.image_guidance(image_guidance_scale, guidance_scale))
+                                           self.image_guidance(image_guidance_scale, guidance_scale))
         if not 0.0 <= guidance_rescale <= 1.0:  # (NaN fails too)
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         n = num_images_per_prompt

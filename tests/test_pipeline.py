@@ -144,6 +144,12 @@ def test_image_variations_interpolate_img2img(tiny_pipeline):
     assert len(frames.images) == 3
     ends = torch.cat([frames.image_embeds[:1], frames.image_embeds[-1:]])
     assert torch.allclose(ends[1], tiny_pipeline.encode_image(image)[0], atol=1e-4)
+    # a prompt end is the prior's sample of a text-to-image call with the same seed and prior settings
+    frames = tiny_pipeline.interpolate("a red circle", image, num_steps=2, num_inference_steps=3,
+                                       prior_num_inference_steps=2, seed=5, output_type="pt", progress=False)
+    call = tiny_pipeline("a red circle", seed=5, num_inference_steps=3, prior_num_inference_steps=2,
+                         output_type="pt", progress=False)
+    torch.testing.assert_close(frames.image_embeds[0], call.image_embeds[0])
 
     same = tiny_pipeline.img2img(image, "a blue star", strength=0.0, num_inference_steps=4, output_type="pt",
                                  progress=False).images
@@ -201,6 +207,10 @@ def test_other_entry_points_check_their_arguments(tiny_pipeline, tiny_pipeline_d
     with pytest.raises(ValueError, match="dtype='half precision' is not a torch floating-point type"):
         TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="half precision")
     assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not a torch floating-point type"):
+        TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.int8)
+    with pytest.raises(ValueError, match="prior_num_inference_steps must be an integer >= 1, got 0"):
+        tiny_pipeline.interpolate("a red circle", "a blue star", prior_num_inference_steps=0, progress=False)
     frames = tiny_pipeline.interpolate("a red circle", "a blue star", num_steps=2, num_inference_steps=2, seed=None,
                                        progress=False)  # seed=None: a random seed, as elsewhere
     assert len(frames.images) == 2
