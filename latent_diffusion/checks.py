@@ -25,15 +25,28 @@ def check_count(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def check_scale(name: str, value: Any) -> float:
-    """A guidance scale: a finite number >= 0 (NaN or inf would give black images); any real scalar, a 0-d tensor
-    included."""
+def real(value: Any) -> float:
+    """`value` as a float when it is a real scalar (Python, numpy, a 0-d tensor), else NaN (also for bools and
+    strings, which float() would take)."""
     try:
-        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+        return float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
     except (TypeError, ValueError, RuntimeError):
-        number = math.nan
+        return math.nan
+
+
+def check_scale(name: str, value: Any) -> float:
+    """A guidance scale: a finite number >= 0 (NaN or inf would give black images), returned as a float."""
+    number = real(value)
     if not 0 <= number < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in [0, 1] (guidance_rescale, img2img's strength), returned as a float."""
+    number = real(value)
+    if not 0 <= number <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return number
 
 

@@ -4,6 +4,7 @@ conditions the same prior, decoder and VAE as a text-to-image call, through the 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latent_diffusion.checks import check_count, check_scale, is_int, prompt_list
+from latent_diffusion.checks import check_count, check_fraction, check_scale, is_int, prompt_list
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 if TYPE_CHECKING:
     from latent_diffusion.pipeline import Generators, OutputType, PipelineOutput
@@ -28,6 +31,8 @@ class ImageTasks:
         """Variations of image(s): decode their CLIP image embeddings (unCLIP §3.1) with `prompt` (default empty;
         Stable unCLIP's image variations take one too) and, for noise-augmented decoders, `noise_level`."""
         check_count("num_images_per_prompt", num_images_per_prompt)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be one string (for every image), got {prompt!r}")
         embeds = self.encode_image(image)
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return self([prompt] * (embeds.shape[0] // num_images_per_prompt), negative_prompt=negative_prompt,
@@ -37,19 +42,27 @@ class ImageTasks:
                     image_guidance_scale=guidance_scale)  # the image is the point here, whatever the default
 
     @torch.no_grad()
-    def interpolate(self, a: str | Image.Image, b: str | Image.Image, num_steps: int = 5,
+    def interpolate(self, a: str | Path | Image.Image, b: str | Path | Image.Image, num_steps: int = 5,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
                     sampler: str | None = None, seed: int | None = 0, output_type: OutputType = "pil",
                     progress: bool = True, image_guidance_scale: float | None = None,
                     prior_num_inference_steps: int = 25) -> PipelineOutput:
         """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
-        `b` (prompts go through the prior, images through the image encoder; unCLIP §3.2). Every frame uses the
+        `b` (prompts — strings — go through the prior; images — PIL images, or files as `pathlib.Path` — through
+        the image encoder; unCLIP §3.2). Every frame uses the
         same seed (None: a random one); when both ends are prompts their text conditioning is interpolated linearly
         too, and the decoder's image guidance defaults as in a text-to-image call (`image_guidance`), else (an
         image at either end) to `guidance_scale`, as in `image_variations`. The prior samples with
         `prior_num_inference_steps`, as in a text-to-image call."""
         if not is_int(num_steps) or num_steps < 2:
             raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+        for end in (a, b):
+            if not isinstance(end, (str, Path, Image.Image)):
+                raise ValueError(f"interpolate's ends are prompts (str) or images (PIL images, or pathlib.Path "
+                                 f"files), got {type(end).__name__}")
+            if isinstance(end, str) and Path(end).suffix.lower() in IMAGE_SUFFIXES and Path(end).is_file():
+                warnings.warn(f"interpolate takes the string {end!r} as a prompt; pass pathlib.Path({end!r}) for "
+                              "the image file", stacklevel=2)
         if not self.decoder.config.uses_image_embeds:
             raise ValueError("interpolation needs a decoder conditioned on CLIP image embeddings")
         sampler, prior_sampler = self._samplers(sampler, None)
@@ -63,7 +76,7 @@ class ImageTasks:
         if isinstance(a, str) or isinstance(b, str):
             check_count("prior_num_inference_steps", prior_num_inference_steps)
 
-        def embed(end: str | Image.Image) -> torch.Tensor:
+        def embed(end: str | Path | Image.Image) -> torch.Tensor:
             if isinstance(end, str):
                 if self.prior is None:
                     raise ValueError("interpolating prompts needs a prior")
@@ -96,8 +109,7 @@ class ImageTasks:
         """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the schedule and denoise them
         towards `prompt`. strength 0 returns the (re-encoded) image; 1 ignores it and equals a text-to-image call
         with the same seed and settings. `image_guidance_scale` as in `__call__` (default: the pipeline's)."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        strength = check_fraction("strength", strength)
         sampler, prior_sampler = self._samplers(sampler, None)
         image_guidance_scale = check_scale("image_guidance_scale",
                                            self.image_guidance(image_guidance_scale, guidance_scale))
@@ -149,8 +161,16 @@ def images_to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> t
 
     if isinstance(images, torch.Tensor):
         t = images if images.ndim == 4 else images[None]
+        if not t.is_floating_point():
+            raise ValueError(f"an image tensor must be floating point with values in [0, 1], got {t.dtype} (divide "
+                             "8-bit images by 255)")
+        if t.numel() and not 0 <= t.min() <= t.max() <= 1:  # (NaN fails too)
+            raise ValueError(f"an image tensor must have values in [0, 1], got [{t.min():.3g}, {t.max():.3g}] "
+                             "(map [-1, 1] images with (x + 1) / 2)")
     else:
         images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("got an empty list of images; pass at least one")
         opened = []
         for im in images:
             if isinstance(im, (str, Path)):

@@ -290,7 +290,8 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
     scale = _checked_scale(scale)
     index = read_lora_index(path)
     entries: dict[str, Any] = index.get("components", {})
-    wanted = list(entries) if components is None else list(components)
+    wanted = list(entries) if components is None else [components] if isinstance(components, str) else \
+        list(components)
     not_in_file = [c for c in wanted if c not in entries]
     if not_in_file:
         raise ValueError(f"{path} has no LoRA for {not_in_file}; it holds {list(entries)}")
@@ -302,6 +303,8 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
     if loaded:
         raise ValueError(f"a LoRA is already loaded into {loaded}; unload it first with pipe.unload_lora() "
                          "(pipe.fuse_lora() then pipe.unload_lora() keeps it baked into the weights)")
+    for name in wanted:  # (before the loop below, whose errors name the LoRA's base pipeline)
+        _refuse_fused(present[name], f"the {name}")
     digests = lora_digests(path, wanted)
     baked = [(name, r) for r in getattr(pipe, "fused_loras", []) for name, d in r.get("digests", {}).items()
              if digests.get(name) == d]

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from latent_diffusion.checks import check_count, check_scale, is_int, prompt_list
+from latent_diffusion.checks import check_count, check_fraction, check_scale, is_int, prompt_list
 from latent_diffusion.diffusion import (
     SAMPLERS,
     Denoiser,
@@ -179,7 +179,18 @@ class TextToImagePipeline(ImageTasks):
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextToImagePipeline:
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> TextToImagePipeline:
+        """Move and/or cast every model component in place; `pipe.to(torch.float16)` casts, as in diffusers.
+        Returns the pipeline."""
+        from latent_diffusion.pipeline_folder import float_dtype
+
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise ValueError(f"got two dtypes, {device} and {dtype}: pass the device first, e.g. "
+                                 f"pipe.to('cuda', {device})")
+            device, dtype = None, device
+        dtype = float_dtype(dtype) if dtype is not None else None
         for m in self._modules().values():
             m.to(device=device, dtype=dtype)
         return self
@@ -227,21 +238,24 @@ class TextToImagePipeline(ImageTasks):
 
         unload_lora(self)
 
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None,
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None,
                         components: list[str] | None = None) -> None:
         """Write the pipeline folder (see the module docstring and `latent_diffusion.pipeline_folder`). `dtype`
-        (e.g. torch.float16) shrinks weights. `components` writes only those (plus `model_index.json`), leaving
-        the others' files untouched."""
+        (torch.float16 or "float16", say) shrinks weights. `components` writes only those (plus
+        `model_index.json`), leaving the others' files untouched."""
         from latent_diffusion.pipeline_folder import save_pipeline
 
         save_pipeline(self, folder, dtype, components)
+
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> TextToImagePipeline:
         """Load a pipeline folder written by `save_pretrained`. Weights stored in half precision are upcast
-        to `dtype` (fp32 by default; also by name, "float16")."""
+        to `dtype` (fp32 by default; also by name, "float16"; a dtype in `device`'s place is taken as `dtype`)."""
         from latent_diffusion.pipeline_folder import load_pipeline
 
+        if isinstance(device, torch.dtype) and dtype is None:  # from_pretrained(path, torch.float16)
+            device, dtype = None, device
         pipe = load_pipeline(cls, folder, dtype)
         return pipe.to(device) if device is not None else pipe
 
@@ -337,8 +351,10 @@ class TextToImagePipeline(ImageTasks):
     def _samplers(self, sampler: str | None, prior_sampler: str | None) -> tuple[str, str]:
         """The (decoder, prior) samplers of a call: the named ones, else the configured defaults."""
         c = self.config
-        sampler = sampler or (c.decoder_sampling.sampler if c.decoder_sampling else "dpmpp_2m")
-        prior_sampler = prior_sampler or (c.prior_sampling.sampler if c.prior_sampling else sampler)
+        if sampler is None:
+            sampler = c.decoder_sampling.sampler if c.decoder_sampling else "dpmpp_2m"
+        if prior_sampler is None:
+            prior_sampler = c.prior_sampling.sampler if c.prior_sampling else sampler
         for name, value in (("sampler", sampler), ("prior_sampler", prior_sampler)):
             if value not in SAMPLERS:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(SAMPLERS)}")
@@ -493,6 +509,9 @@ class TextToImagePipeline(ImageTasks):
             if seed is not None:
                 raise ValueError("pass seed or generator, not both")
             gens = generator if isinstance(generator, list) else [generator]
+            if not all(isinstance(g, torch.Generator) for g in gens):
+                raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r} (pass "
+                                 "seed= for an integer seed)")
             if len(gens) == 1 and n > 1:
                 base = int(torch.randint(0, 2**62, (1,), generator=gens[0], device=gens[0].device).item())
                 gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]
@@ -524,6 +543,19 @@ class TextToImagePipeline(ImageTasks):
         decoder_sampling` / `prior_sampling`), else "dpmpp_2m" and the decoder's. `noise_level` overrides
         `PipelineConfig.noise_level` (noise-augmented decoders only). `seed` seeds image i with seed + i;
         `generator` may be one generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
+
+        Guidance with a separate image scale: the decoder's prediction is u + g (t − u) + g_img (f − t), with u the
+        unconditional, t the text-only and f the text-and-image prediction. `guidance_scale` 1 or 0 then means
+        "no guidance" or "unconditional" only when `image_guidance_scale` is set to the same value too.
+
+        Seeding: each image's generator draws the prior's noise first, then the decoder's (diffusers' order). A
+        call given `image_embeds` skips the prior, so with the same seed its decoder noise, and its image, differ
+        from those of the call that sampled the embeddings; calls given the same embeddings and seed agree.
+
+        `callback(info)` is called after each decoder step with a dict: `i` (the step), `sigma`, `sigma_next`,
+        `x` (the sampler's state after the step, in the variance-exploding form x0 + sigma_next · ε: divide by
+        sqrt(1 + sigma_next²) for diffusers-style latents) and `denoised` (the guided x0 prediction, in latent
+        space).
         """
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
@@ -544,10 +576,17 @@ class TextToImagePipeline(ImageTasks):
         self._noise_level(noise_level)
         image_guidance_scale = check_scale("image_guidance_scale",
                                            self.image_guidance(image_guidance_scale, guidance_scale))
-        if not 0.0 <= guidance_rescale <= 1.0:  # (NaN fails too)
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        check_fraction("guidance_rescale", guidance_rescale)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable (it gets a dict per decoder step), got {callback!r}")
         n = num_images_per_prompt
         expected = (len(prompts) * n, self.decoder.config.in_channels, *shape)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents must be a torch.Tensor of shape {expected}, got {type(latents).__name__}")
+        if image_embeds is not None and (not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2):
+            got = f"shape {tuple(image_embeds.shape)}" if isinstance(image_embeds, torch.Tensor) else \
+                type(image_embeds).__name__
+            raise ValueError(f"image_embeds must be a torch.Tensor of shape (images, embedding width), got {got}")
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {expected} (images, "
                              "latent channels, height and width over the VAE factor): pass height/width to match")

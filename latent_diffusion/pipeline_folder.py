@@ -24,9 +24,10 @@ TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 REQUIRED = ("tokenizer", "text_encoder", "decoder", "vae")
 
 
-def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dtype | None = None,
+def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dtype | str | None = None,
                   components: list[str] | None = None) -> None:
-    """Write `pipe` as a pipeline folder; `dtype` casts the floating-point weights (torch.float16 halves them).
+    """Write `pipe` as a pipeline folder; `dtype` casts the floating-point weights (torch.float16 or "float16"
+    halves them).
     `components` writes only those (plus `model_index.json`), leaving the others' files untouched."""
     from transformers.utils import logging as hf_logging
 
@@ -38,9 +39,18 @@ def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dt
     if adapted:
         raise ValueError(f"a LoRA is loaded into {adapted}: call unload_lora() first, or fuse_lora() then "
                          "unload_lora() to save it baked into the weights")
+    dtype = float_dtype(dtype) if dtype is not None else None  # checked before anything is written
     folder = Path(folder)
     tokenizers = {"tokenizer": pipe.tokenizer, "prior_tokenizer": pipe.prior_tokenizer}
     tokenizers = {k: v for k, v in tokenizers.items() if v is not None}
+    if components is not None:
+        valid = sorted(pipe._modules() | tokenizers)
+        if isinstance(components, str) or not all(isinstance(c, str) for c in components):
+            raise ValueError(f"components must be a list of component names (of {valid}), got {components!r}")
+        unknown = sorted(set(components) - set(valid))
+        if unknown:
+            raise ValueError(f"this pipeline has no component named {', '.join(map(repr, unknown))}; its "
+                             f"components: {valid}")
     for name, tok in tokenizers.items():
         if components is None or name in components:
             tok.save_pretrained(folder / name)
@@ -76,6 +86,12 @@ def load_pipeline(cls: type[TextToImagePipeline], folder: str | Path,
     if not folder.is_dir():
         raise FileNotFoundError(f"pipeline folder not found: {folder}")
     dtype = float_dtype(dtype) if dtype is not None else torch.float32
+    if not (folder / MODEL_INDEX).is_file():
+        from latent_diffusion.lora import LORA_INDEX
+
+        if (folder / LORA_INDEX).is_file():
+            raise ValueError(f"{folder} is a LoRA folder, not a pipeline: load its base pipeline, then "
+                             f"pipe.load_lora({str(folder)!r})")
     index = read_json(folder / MODEL_INDEX)
     if "_diffusers_version" in index:
         _refuse_diffusers(folder, index.get("_class_name", "pipeline"))

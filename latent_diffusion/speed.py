@@ -354,7 +354,19 @@ def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = F
                 upsample: bool = False, compile: bool = False, attention_backend: AttentionBackend | None = None,
                 **compile_kwargs: Any) -> nn.Module:
     """Apply the chosen switches in the right order (fusion, then oneDNN linears, then compilation); `upsample`
-    is `transposed_upsample` with its default size. Returns `model`."""
+    is `transposed_upsample` with its default size. `compile_kwargs` (`compile=True` only) go to `compile_blocks`
+    (`types`) and `torch.compile` (mode, backend, ...); any other keyword is refused by name. Returns `model`."""
+    if compile_kwargs:
+        import inspect
+
+        known = {"types"} | set(inspect.signature(torch.compile).parameters) - {"model"}
+        unknown = sorted(set(compile_kwargs) - known)
+        if unknown or not compile:
+            switches = ["channels_last", "fuse", "onednn", "upsample", "compile", "attention_backend"]
+            what = (f"unknown speed switch(es) {unknown}; the switches are {switches}, and with compile=True "
+                    f"torch.compile's options {sorted(known)}") if unknown else \
+                f"{sorted(compile_kwargs)} are torch.compile options: they apply with compile=True only"
+            raise ValueError(what)
     if attention_backend is not None:
         set_attention_backend(model, attention_backend)
     if fuse:

@@ -598,3 +598,17 @@ def test_two_process_full_finetune_of_a_text_encoder_some_steps_do_not_reach(tin
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "out" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_lora_loading_mistakes_are_named(tiny_pipeline, lora_run):
+    from latent_diffusion import TextToImagePipeline, speed
+
+    assert load_lora(tiny_pipeline, lora_run, components="decoder") == ["decoder"]  # one name, as a string
+    unload_lora(tiny_pipeline)
+    with pytest.raises(ValueError, match=f"{lora_run} is a LoRA folder, not a pipeline: load its base pipeline"):
+        TextToImagePipeline.from_pretrained(lora_run)
+    speed.fuse_qkv(tiny_pipeline.decoder)
+    with pytest.raises(ValueError, match="the decoder has fused q/k/v projections") as refused:
+        load_lora(tiny_pipeline, lora_run)
+    assert "trained on the pipeline" not in str(refused.value)  # the base is not the cause
+    assert lora_components(tiny_pipeline) == []

@@ -179,7 +179,7 @@ def test_slerp_endpoints_and_norm():
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0, got nan"),
     (dict(prior_guidance_scale=-0.5), "prior_guidance_scale must be a finite number >= 0"),
     (dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite number >= 0, got inf"),
-    (dict(guidance_rescale=-3.0), r"guidance_rescale must be in \[0, 1\], got -3.0"),
+    (dict(guidance_rescale=-3.0), r"guidance_rescale must be a number in \[0, 1\], got -3.0"),
     (dict(sampler="plms"), "choose one of"),
     (dict(output_type="jpg"), "unknown output_type"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
@@ -405,3 +405,63 @@ def test_float16_vae_with_force_upcast_runs_in_float32(tiny_pipeline):
             hook.remove()
         tiny_pipeline.vae.config = config
         tiny_pipeline.to(dtype=torch.float32)
+
+
+def test_api_arguments_are_checked_by_name(tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    """Each bad argument gets a ValueError naming it, before any file is written or any sampling starts."""
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not a torch floating-point type"):
+        tiny_pipeline.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"no component named 'decoderr'; its components: \['decoder'"):
+        tiny_pipeline.save_pretrained(tmp_path / "typo", components=["decoderr"])
+    with pytest.raises(ValueError, match="components must be a list of component names"):
+        tiny_pipeline.save_pretrained(tmp_path / "str", components="vae,prior")
+    assert not any((tmp_path / name).exists() for name in ("int8", "typo", "str"))
+    tiny_pipeline.save_pretrained(tmp_path / "half", dtype="float16")  # by name, as from_pretrained takes it
+    assert TextToImagePipeline.from_pretrained(tmp_path / "half", dtype=torch.float16).dtype == torch.float16
+    assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, torch.bfloat16).dtype == torch.bfloat16
+    assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir).to(torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match=r"unknown speed switch\(es\) \['channel_last'\]"):
+        tiny_pipeline.apply_speed(channel_last=True)
+    with pytest.raises(ValueError, match=r"\['mode'\] are torch.compile options: they apply with compile=True"):
+        tiny_pipeline.apply_speed(mode="max-autotune")
+
+    image = Image.new("RGB", (16, 16), "white")
+    bad_calls = {
+        "generator must be a torch.Generator": dict(generator=3),
+        "callback must be callable": dict(callback=3),
+        "guidance_rescale must be a number in \\[0, 1\\], got 'a'": dict(guidance_rescale="a"),
+        "image_embeds must be a torch.Tensor of shape \\(images, embedding width\\), got ndarray":
+            dict(image_embeds=np.zeros((1, 32))),
+        "image_embeds must be .*, got shape \\(32,\\)": dict(image_embeds=torch.zeros(32)),
+        "latents must be a torch.Tensor of shape \\(1, 4, 8, 8\\), got list": dict(latents=[[0.0]]),
+        "unknown sampler ''": dict(sampler=""),
+    }
+    for message, kwargs in bad_calls.items():
+        with pytest.raises(ValueError, match=message):
+            tiny_pipeline("a red circle", **FAST, **kwargs)
+    with pytest.raises(ValueError, match="strength must be a number in \\[0, 1\\], got '0.5'"):
+        tiny_pipeline.img2img(image, "a red circle", strength="0.5", progress=False)
+    with pytest.raises(ValueError, match="an empty list of images"):
+        tiny_pipeline.img2img([], "a red circle", progress=False)
+    with pytest.raises(ValueError, match="floating point with values in \\[0, 1\\], got torch.uint8"):
+        tiny_pipeline.img2img(torch.full((3, 16, 16), 255, dtype=torch.uint8), "a red circle", progress=False)
+    with pytest.raises(ValueError, match="values in \\[0, 1\\], got \\[-1, 1\\]"):
+        tiny_pipeline.encode_image(torch.linspace(-1, 1, 3 * 16 * 16).view(3, 16, 16))
+    with pytest.raises(ValueError, match="prompt must be one string"):
+        tiny_pipeline.image_variations(image, prompt=["a", "b"], progress=False)
+
+
+def test_interpolate_takes_image_files_as_paths(tiny_pipeline, tmp_path):
+    from pathlib import Path
+
+    image = Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "end.png")
+    kw = dict(num_steps=2, num_inference_steps=2, prior_num_inference_steps=2, seed=0, output_type="pt",
+              progress=False)
+    by_path = tiny_pipeline.interpolate("a red circle", Path(tmp_path / "end.png"), **kw)
+    by_image = tiny_pipeline.interpolate("a red circle", image, **kw)
+    torch.testing.assert_close(by_path.images, by_image.images, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="takes the string .*end.png' as a prompt; pass pathlib.Path"):
+        tiny_pipeline.interpolate("a red circle", str(tmp_path / "end.png"), **kw)
+    with pytest.raises(ValueError, match="interpolate's ends are prompts .* got int"):
+        tiny_pipeline.interpolate("a red circle", 3, **kw)
