@@ -49,7 +49,8 @@ from latent_diffusion.image_tasks import ImageTasks, images_to_tensor, slerp
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet, noise_augment
 from latent_diffusion.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess, encode_text
 
-OutputType = Literal["pil", "np", "pt"]
+OutputType = Literal["pil", "np", "pt", "latent"]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generators = torch.Generator | list[torch.Generator] | None
 
 
@@ -117,7 +118,8 @@ class PipelineConfig:
 
 @dataclass
 class PipelineOutput:
-    """`images`: list of PIL images, an array (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [0, 1].
+    """`images`: list of PIL images, an array (B, H, W, 3) in [0, 1], a tensor (B, 3, H, W) in [0, 1], or with
+    output_type "latent" the decoder's latents (B, C, H/f, W/f), not decoded (`decode_latents` decodes them).
     `image_embeds`: the CLIP image embeddings (B, D) that conditioned the decoder (None without a prior)."""
 
     images: Any
@@ -470,7 +472,9 @@ class TextToImagePipeline(ImageTasks):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: OutputType = "pil") -> Any:
-        """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type`."""
+        """Diffusion latents (B, C, h, w) → images in [0, 1] as `output_type` ("latent": the latents as they are)."""
+        if output_type == "latent":
+            return latents
         with self._vae_precision() as dtype:
             images = self.vae.decode(self.vae.from_latents(latents.to(dtype))).float()
         if not torch.isfinite(images).all():  # black images otherwise, with no other sign
@@ -491,8 +495,8 @@ class TextToImagePipeline(ImageTasks):
             check_scale(name, value)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"unknown output_type {output_type!r}; choose one of ['pil', 'np', 'pt']")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of {list(OUTPUT_TYPES)}")
         f = self.vae.config.downsample_factor
         height = self.config.sample_size if height is None else height
         width = self.config.sample_size if width is None else width

@@ -465,3 +465,10 @@ def test_interpolate_takes_image_files_as_paths(tiny_pipeline, tmp_path):
         tiny_pipeline.interpolate("a red circle", str(tmp_path / "end.png"), **kw)
     with pytest.raises(ValueError, match="interpolate's ends are prompts .* got int"):
         tiny_pipeline.interpolate("a red circle", 3, **kw)
+
+
+def test_latent_output_decodes_to_the_same_images(tiny_pipeline):
+    latents = tiny_pipeline("a red circle", seed=3, output_type="latent", **FAST).images
+    assert latents.shape == (1, 4, 8, 8)
+    images = tiny_pipeline("a red circle", seed=3, output_type="pt", **FAST).images
+    torch.testing.assert_close(tiny_pipeline.decode_latents(latents, "pt"), images, rtol=0, atol=0)
