@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latent_diffusion.checks import IMAGE_SUFFIXES
+
 if TYPE_CHECKING:  # the CLI imports torch and the pipeline lazily, so `--help` stays fast
     import torch
 
@@ -141,7 +143,7 @@ def resolve_device(name: str):  # noqa: ANN201 - torch.device
 
 
 # File extensions `--out` writes as one grid image (formats Pillow writes from RGB).
-GRID_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+GRID_EXTENSIONS = set(IMAGE_SUFFIXES)
 
 
 def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL image

@@ -4,6 +4,7 @@ conditions the same prior, decoder and VAE as a text-to-image call, through the 
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,16 +13,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latent_diffusion.checks import check_count, check_fraction, check_scale, is_int, prompt_list
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from latent_diffusion.checks import IMAGE_SUFFIXES, check_count, check_fraction, check_scale, is_int, prompt_list
 
 if TYPE_CHECKING:
     from latent_diffusion.pipeline import Generators, OutputType, PipelineOutput
 
 
 class ImageTasks:
-    """`image_variations`, `interpolate` and `img2img`, for `TextToImagePipeline` (whose methods they call)."""
+    """`image_variations`, `interpolate` and `img2img`, mixed into `TextToImagePipeline`. They rely on its
+    components (`prior`, `decoder`, `vae`) and methods: `encode_prompt`, `encode_prior_prompt`, `encode_image`,
+    `encode_latents`, `decode_latents`, `sample_prior`, `sample_latents`, `image_guidance`, and the checks
+    `_check`, `_samplers`, `_generators` and `_prior_reads_decoder_text`."""
 
     def image_variations(self, image: Any, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
                          guidance_scale: float = 5.0, sampler: str | None = None, seed: int | None = None,
@@ -42,14 +44,14 @@ class ImageTasks:
                     image_guidance_scale=guidance_scale)  # the image is the point here, whatever the default
 
     @torch.no_grad()
-    def interpolate(self, a: str | Path | Image.Image, b: str | Path | Image.Image, num_steps: int = 5,
+    def interpolate(self, a: str | Any, b: str | Any, num_steps: int = 5,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, prior_guidance_scale: float = 4.0,
                     sampler: str | None = None, seed: int | None = 0, output_type: OutputType = "pil",
                     progress: bool = True, image_guidance_scale: float | None = None,
                     prior_num_inference_steps: int = 25) -> PipelineOutput:
         """Images along the spherical interpolation (Shoemake 1985) between the CLIP image embeddings of `a` and
-        `b` (prompts — strings — go through the prior; images — PIL images, or files as `pathlib.Path` — through
-        the image encoder; unCLIP §3.2). Every frame uses the
+        `b` (prompts — strings — go through the prior; images — a PIL image, a `pathlib.Path` file or a tensor, as
+        `encode_image` takes them — through the image encoder; unCLIP §3.2). Every frame uses the
         same seed (None: a random one); when both ends are prompts their text conditioning is interpolated linearly
         too, and the decoder's image guidance defaults as in a text-to-image call (`image_guidance`), else (an
         image at either end) to `guidance_scale`, as in `image_variations`. The prior samples with
@@ -57,10 +59,7 @@ class ImageTasks:
         if not is_int(num_steps) or num_steps < 2:
             raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
         for end in (a, b):
-            if not isinstance(end, (str, Path, Image.Image)):
-                raise ValueError(f"interpolate's ends are prompts (str) or images (PIL images, or pathlib.Path "
-                                 f"files), got {type(end).__name__}")
-            if isinstance(end, str) and Path(end).suffix.lower() in IMAGE_SUFFIXES and Path(end).is_file():
+            if isinstance(end, str) and end.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(end):
                 warnings.warn(f"interpolate takes the string {end!r} as a prompt; pass pathlib.Path({end!r}) for "
                               "the image file", stacklevel=2)
         if not self.decoder.config.uses_image_embeds:
@@ -76,14 +75,17 @@ class ImageTasks:
         if isinstance(a, str) or isinstance(b, str):
             check_count("prior_num_inference_steps", prior_num_inference_steps)
 
-        def embed(end: str | Path | Image.Image) -> torch.Tensor:
+        def embed(end: str | Any) -> torch.Tensor:
             if isinstance(end, str):
                 if self.prior is None:
                     raise ValueError("interpolating prompts needs a prior")
                 text, uncond = self.encode_prior_prompt([end]), self.encode_prior_prompt([""])
                 return self.sample_prior(text, uncond, self._generators(1, seed, None), prior_num_inference_steps,
                                          prior_guidance_scale, prior_sampler, progress)
-            return self.encode_image(end)
+            embeds = self.encode_image(end)
+            if embeds.shape[0] != 1:
+                raise ValueError(f"each end of an interpolation is one image, got {embeds.shape[0]}")
+            return embeds
 
         ea, eb = embed(a), embed(b)
         w = torch.linspace(0, 1, num_steps, device=self.device, dtype=self.dtype)
@@ -164,9 +166,12 @@ def images_to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> t
         if not t.is_floating_point():
             raise ValueError(f"an image tensor must be floating point with values in [0, 1], got {t.dtype} (divide "
                              "8-bit images by 255)")
-        if t.numel() and not 0 <= t.min() <= t.max() <= 1:  # (NaN fails too)
+        # A resampled image overshoots [0, 1] a little (bicubic ringing): refuse only a range that is clearly
+        # another convention ([-1, 1], 0..255), then clip.
+        if t.numel() and not -0.1 <= t.min() <= t.max() <= 1.1:  # (NaN fails too)
             raise ValueError(f"an image tensor must have values in [0, 1], got [{t.min():.3g}, {t.max():.3g}] "
                              "(map [-1, 1] images with (x + 1) / 2)")
+        t = t.clamp(0, 1)
     else:
         images = images if isinstance(images, (list, tuple)) else [images]
         if not images:

@@ -281,7 +281,7 @@ def lora_components(pipe: Any) -> list[str]:
 
 
 def load_lora(pipe: Any, path: str | Path, scale: float = 1.0,
-              components: Sequence[str] | None = None) -> list[str]:
+              components: str | Sequence[str] | None = None) -> list[str]:
     """Load the LoRA folder `path` into the pipeline's components (all it holds, or only `components`) at `scale`.
 
     Refuses, naming the layers, an adapter whose layers the pipeline does not have or has in another shape.

@@ -24,14 +24,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from latent_diffusion.checks import check_count, check_fraction, check_scale, is_int, prompt_list
+from latent_diffusion.checks import (
+    check_count,
+    check_fraction,
+    check_scale,
+    device_and_dtype,
+    is_int,
+    prompt_list,
+)
 from latent_diffusion.diffusion import (
     SAMPLERS,
     Denoiser,
@@ -50,7 +57,7 @@ from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormaliz
 from latent_diffusion.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess, encode_text
 
 OutputType = Literal["pil", "np", "pt", "latent"]
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPUT_TYPES = get_args(OutputType)
 Generators = torch.Generator | list[torch.Generator] | None
 
 
@@ -119,7 +126,8 @@ class PipelineConfig:
 @dataclass
 class PipelineOutput:
     """`images`: list of PIL images, an array (B, H, W, 3) in [0, 1], a tensor (B, 3, H, W) in [0, 1], or with
-    output_type "latent" the decoder's latents (B, C, H/f, W/f), not decoded (`decode_latents` decodes them).
+    output_type "latent" the decoder's latents (B, C, H/f, W/f), float32 on the pipeline's device, not decoded
+    (`decode_latents` decodes them).
     `image_embeds`: the CLIP image embeddings (B, D) that conditioned the decoder (None without a prior)."""
 
     images: Any
@@ -185,14 +193,7 @@ class TextToImagePipeline(ImageTasks):
            dtype: torch.dtype | str | None = None) -> TextToImagePipeline:
         """Move and/or cast every model component in place; `pipe.to(torch.float16)` casts, as in diffusers.
         Returns the pipeline."""
-        from latent_diffusion.pipeline_folder import float_dtype
-
-        if isinstance(device, torch.dtype):
-            if dtype is not None:
-                raise ValueError(f"got two dtypes, {device} and {dtype}: pass the device first, e.g. "
-                                 f"pipe.to('cuda', {device})")
-            device, dtype = None, device
-        dtype = float_dtype(dtype) if dtype is not None else None
+        device, dtype = device_and_dtype(device, dtype)
         for m in self._modules().values():
             m.to(device=device, dtype=dtype)
         return self
@@ -211,7 +212,7 @@ class TextToImagePipeline(ImageTasks):
         return self
 
     # --- LoRA adapters (implemented in latent_diffusion.lora) ----------------------------------------
-    def load_lora(self, path: str | Path, scale: float = 1.0, components: list[str] | None = None) -> list[str]:
+    def load_lora(self, path: str | Path, scale: float = 1.0, components: str | list[str] | None = None) -> list[str]:
         """Load a LoRA adapter folder written by `training.finetune`; returns the components it adapts."""
         from latent_diffusion.lora import load_lora
 
@@ -241,7 +242,7 @@ class TextToImagePipeline(ImageTasks):
         unload_lora(self)
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None,
-                        components: list[str] | None = None) -> None:
+                        components: str | list[str] | None = None) -> None:
         """Write the pipeline folder (see the module docstring and `latent_diffusion.pipeline_folder`). `dtype`
         (torch.float16 or "float16", say) shrinks weights. `components` writes only those (plus
         `model_index.json`), leaving the others' files untouched."""
@@ -256,8 +257,7 @@ class TextToImagePipeline(ImageTasks):
         to `dtype` (fp32 by default; also by name, "float16"; a dtype in `device`'s place is taken as `dtype`)."""
         from latent_diffusion.pipeline_folder import load_pipeline
 
-        if isinstance(device, torch.dtype) and dtype is None:  # from_pretrained(path, torch.float16)
-            device, dtype = None, device
+        device, dtype = device_and_dtype(device, dtype)  # before loading; from_pretrained(path, torch.float16)
         pipe = load_pipeline(cls, folder, dtype)
         return pipe.to(device) if device is not None else pipe
 
@@ -512,7 +512,7 @@ class TextToImagePipeline(ImageTasks):
         if generator is not None:
             if seed is not None:
                 raise ValueError("pass seed or generator, not both")
-            gens = generator if isinstance(generator, list) else [generator]
+            gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
             if not all(isinstance(g, torch.Generator) for g in gens):
                 raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r} (pass "
                                  "seed= for an integer seed)")
@@ -549,8 +549,9 @@ class TextToImagePipeline(ImageTasks):
         `generator` may be one generator or one per image. Returns `PipelineOutput(images, image_embeds)`.
 
         Guidance with a separate image scale: the decoder's prediction is u + g (t − u) + g_img (f − t), with u the
-        unconditional, t the text-only and f the text-and-image prediction. `guidance_scale` 1 or 0 then means
-        "no guidance" or "unconditional" only when `image_guidance_scale` is set to the same value too.
+        unconditional, t the text-only and f the text-and-image prediction. So `guidance_scale=0` is the
+        unconditional prediction only with `image_guidance_scale=0`, and `guidance_scale=1` is unguided only with
+        `image_guidance_scale` 1 (f) or 0 (t).
 
         Seeding: each image's generator draws the prior's noise first, then the decoder's (diffusers' order). A
         call given `image_embeds` skips the prior, so with the same seed its decoder noise, and its image, differ

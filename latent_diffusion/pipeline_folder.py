@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latent_diffusion.checks import float_dtype
 from latent_diffusion.io import config_from_dict, config_to_dict, find_weights, read_json, save_json
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet
 
@@ -21,14 +22,15 @@ if TYPE_CHECKING:
 
 MODEL_INDEX = "model_index.json"
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-REQUIRED = ("tokenizer", "text_encoder", "decoder", "vae")
+REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "decoder", "vae")
 
 
 def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dtype | str | None = None,
-                  components: list[str] | None = None) -> None:
+                  components: str | list[str] | None = None) -> None:
     """Write `pipe` as a pipeline folder; `dtype` casts the floating-point weights (torch.float16 or "float16"
     halves them).
-    `components` writes only those (plus `model_index.json`), leaving the others' files untouched."""
+    `components` (names, or one name) writes only those (plus `model_index.json`), leaving the others' files
+    untouched."""
     from transformers.utils import logging as hf_logging
 
     from latent_diffusion.lora import lora_components
@@ -45,8 +47,9 @@ def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dt
     tokenizers = {k: v for k, v in tokenizers.items() if v is not None}
     if components is not None:
         valid = sorted(pipe._modules() | tokenizers)
-        if isinstance(components, str) or not all(isinstance(c, str) for c in components):
-            raise ValueError(f"components must be a list of component names (of {valid}), got {components!r}")
+        components = [components] if isinstance(components, str) else list(components)
+        if not all(isinstance(c, str) for c in components):
+            raise ValueError(f"components must be component names (of {valid}), got {components!r}")
         unknown = sorted(set(components) - set(valid))
         if unknown:
             raise ValueError(f"this pipeline has no component named {', '.join(map(repr, unknown))}; its "
@@ -96,7 +99,7 @@ def load_pipeline(cls: type[TextToImagePipeline], folder: str | Path,
     if "_diffusers_version" in index:
         _refuse_diffusers(folder, index.get("_class_name", "pipeline"))
     components = index.get("components", {})
-    for required in REQUIRED:
+    for required in REQUIRED_COMPONENTS:
         if required not in components:
             raise ValueError(f"{folder / MODEL_INDEX} lists no {required!r} component")
     for name in components:
@@ -120,16 +123,6 @@ def load_pipeline(cls: type[TextToImagePipeline], folder: str | Path,
                AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype), prior, image_encoder, config, **extra)
     pipe.fused_loras = list(index.get("fused_loras", []))
     return pipe
-
-
-def float_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch floating-point dtype, also by name ("float16", "torch.bfloat16"); anything else is refused."""
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
-    found = getattr(torch, name, None) if name is not None else dtype
-    if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a torch floating-point type; use torch.float32, torch.float16 or "
-                         "torch.bfloat16 (or their names)")
-    return found
 
 
 def _refuse_diffusers(folder: Path, kind: str) -> None:

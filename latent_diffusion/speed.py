@@ -365,7 +365,8 @@ def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = F
             switches = ["channels_last", "fuse", "onednn", "upsample", "compile", "attention_backend"]
             what = (f"unknown speed switch(es) {unknown}; the switches are {switches}, and with compile=True "
                     f"torch.compile's options {sorted(known)}") if unknown else \
-                f"{sorted(compile_kwargs)} are torch.compile options: they apply with compile=True only"
+                f"{sorted(compile_kwargs)}: options of the compilation (compile_blocks' types, torch.compile's " \
+                "others), which apply with compile=True only"
             raise ValueError(what)
     if attention_backend is not None:
         set_attention_backend(model, attention_backend)

@@ -204,10 +204,10 @@ def test_other_entry_points_check_their_arguments(tiny_pipeline, tiny_pipeline_d
         tiny_pipeline.image_variations(image, num_images_per_prompt=0, progress=False)
     with pytest.raises(ValueError, match="the image is 17×16 pixels; img2img needs .* multiples of the VAE factor 2"):
         tiny_pipeline.img2img(Image.new("RGB", (17, 16)), "a red circle", progress=False)
-    with pytest.raises(ValueError, match="dtype='half precision' is not a torch floating-point type"):
+    with pytest.raises(ValueError, match="dtype='half precision' is not one the models run in"):
         TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="half precision")
     assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype="bfloat16").dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype=torch.int8 is not a torch floating-point type"):
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not one the models run in"):
         TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.int8)
     with pytest.raises(ValueError, match="prior_num_inference_steps must be an integer >= 1, got 0"):
         tiny_pipeline.interpolate("a red circle", "a blue star", prior_num_inference_steps=0, progress=False)
@@ -409,25 +409,33 @@ def test_float16_vae_with_force_upcast_runs_in_float32(tiny_pipeline):
 
 def test_api_arguments_are_checked_by_name(tiny_pipeline, tiny_pipeline_dir, tmp_path):
     """Each bad argument gets a ValueError naming it, before any file is written or any sampling starts."""
-    with pytest.raises(ValueError, match="dtype=torch.int8 is not a torch floating-point type"):
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not one the models run in"):
         tiny_pipeline.save_pretrained(tmp_path / "int8", dtype=torch.int8)
     with pytest.raises(ValueError, match=r"no component named 'decoderr'; its components: \['decoder'"):
         tiny_pipeline.save_pretrained(tmp_path / "typo", components=["decoderr"])
-    with pytest.raises(ValueError, match="components must be a list of component names"):
-        tiny_pipeline.save_pretrained(tmp_path / "str", components="vae,prior")
+    with pytest.raises(ValueError, match="no component named 'vae,prior'"):
+        tiny_pipeline.save_pretrained(tmp_path / "str", components="vae,prior")  # one name, not a list
     assert not any((tmp_path / name).exists() for name in ("int8", "typo", "str"))
     tiny_pipeline.save_pretrained(tmp_path / "half", dtype="float16")  # by name, as from_pretrained takes it
     assert TextToImagePipeline.from_pretrained(tmp_path / "half", dtype=torch.float16).dtype == torch.float16
     assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, torch.bfloat16).dtype == torch.bfloat16
     assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir).to(torch.float16).dtype == torch.float16
+    assert TextToImagePipeline.from_pretrained(tiny_pipeline_dir, "float16").dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype=torch.float8_e4m3fn is not one the models run in"):
+        TextToImagePipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="got two dtypes"):
+        TextToImagePipeline.from_pretrained(tiny_pipeline_dir, torch.float16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        TextToImagePipeline.from_pretrained(tiny_pipeline_dir, "gpu")
     with pytest.raises(ValueError, match=r"unknown speed switch\(es\) \['channel_last'\]"):
         tiny_pipeline.apply_speed(channel_last=True)
-    with pytest.raises(ValueError, match=r"\['mode'\] are torch.compile options: they apply with compile=True"):
+    with pytest.raises(ValueError, match=r"\['mode'\]: options of the compilation .* with compile=True only"):
         tiny_pipeline.apply_speed(mode="max-autotune")
 
     image = Image.new("RGB", (16, 16), "white")
     bad_calls = {
         "generator must be a torch.Generator": dict(generator=3),
+        "got 2 generators for 1 images": dict(generator=(torch.Generator(), torch.Generator())),  # a tuple: a list
         "callback must be callable": dict(callback=3),
         "guidance_rescale must be a number in \\[0, 1\\], got 'a'": dict(guidance_rescale="a"),
         "image_embeds must be a torch.Tensor of shape \\(images, embedding width\\), got ndarray":
@@ -447,6 +455,8 @@ def test_api_arguments_are_checked_by_name(tiny_pipeline, tiny_pipeline_dir, tmp
         tiny_pipeline.img2img(torch.full((3, 16, 16), 255, dtype=torch.uint8), "a red circle", progress=False)
     with pytest.raises(ValueError, match="values in \\[0, 1\\], got \\[-1, 1\\]"):
         tiny_pipeline.encode_image(torch.linspace(-1, 1, 3 * 16 * 16).view(3, 16, 16))
+    ringing = torch.linspace(-0.05, 1.05, 3 * 16 * 16).view(3, 16, 16)  # a bicubic resize's overshoot: clipped
+    torch.testing.assert_close(tiny_pipeline.encode_image(ringing), tiny_pipeline.encode_image(ringing.clamp(0, 1)))
     with pytest.raises(ValueError, match="prompt must be one string"):
         tiny_pipeline.image_variations(image, prompt=["a", "b"], progress=False)
 
@@ -463,8 +473,13 @@ def test_interpolate_takes_image_files_as_paths(tiny_pipeline, tmp_path):
     torch.testing.assert_close(by_path.images, by_image.images, rtol=0, atol=0)
     with pytest.warns(UserWarning, match="takes the string .*end.png' as a prompt; pass pathlib.Path"):
         tiny_pipeline.interpolate("a red circle", str(tmp_path / "end.png"), **kw)
-    with pytest.raises(ValueError, match="interpolate's ends are prompts .* got int"):
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    by_tensor = tiny_pipeline.interpolate("a red circle", tensor, **kw)  # any image encode_image takes
+    torch.testing.assert_close(by_tensor.images, by_image.images, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="expected PIL images, image file paths or a .* tensor, got int"):
         tiny_pipeline.interpolate("a red circle", 3, **kw)
+    with pytest.raises(ValueError, match="each end of an interpolation is one image, got 2"):
+        tiny_pipeline.interpolate("a red circle", [image, image], **kw)
 
 
 def test_latent_output_decodes_to_the_same_images(tiny_pipeline):
