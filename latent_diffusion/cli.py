@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     e.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
     e.add_argument("--suite-seed", type=int, default=0, help="seed of the prompt suite")
+    e.add_argument("--lora", default=None, help="a LoRA adapter folder written by training.finetune, scored on "
+                                                "the --pipeline it was trained on")
+    e.add_argument("--lora-scale", type=float, default=None, help="strength of the LoRA update (default 1)")
     e.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     c = sub.add_parser("convert", help="re-save a pipeline (e.g. in half precision) or convert a diffusers folder",
@@ -159,18 +162,38 @@ def make_grid(images: list, columns: int | None = None):  # noqa: ANN201 - PIL i
     return grid
 
 
+def _is_pipeline(folder: Path) -> bool:
+    """True when `folder` holds a pipeline; else prints why not (a LoRA folder is named as one) and False."""
+    from latent_diffusion.lora import LORA_INDEX
+
+    if (folder / "model_index.json").is_file():
+        return True
+    hint = f"; {folder} is a LoRA folder: pass its base pipeline as --pipeline and the LoRA as --lora {folder}" \
+        if (folder / LORA_INDEX).is_file() else "; pass --pipeline DIR"
+    print(f"error: no pipeline at {folder} (model_index.json not found){hint}", file=sys.stderr)
+    return False
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    if args.lora_scale is not None and not args.lora:
+        raise ValueError("--lora-scale needs --lora (a LoRA folder to scale)")
+    if args.lora_scale is not None and not abs(args.lora_scale) < float("inf"):
+        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+
+
+def _load_lora(pipe: TextToImagePipeline, args: argparse.Namespace) -> None:
+    if args.lora:
+        pipe.load_lora(args.lora, scale=1.0 if args.lora_scale is None else args.lora_scale)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
 
     from latent_diffusion.pipeline import TextToImagePipeline
 
     folder = Path(args.pipeline) if args.pipeline else default_pipeline()
-    if not (folder / "model_index.json").is_file():
-        print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
+    if not _is_pipeline(folder):
         return 2
-    if args.lora_scale is not None and not args.lora:
-        raise ValueError("--lora-scale needs --lora (a LoRA folder to scale)")
-    if args.lora_scale is not None and not abs(args.lora_scale) < float("inf"):
-        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    _check_lora_flags(args)
     for flag in ("num_images", "steps", "prior_steps"):  # before the pipeline loads, named as typed
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -192,8 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out_path}: {blocking} is a file, not a folder")
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
-    if args.lora:
-        pipe.load_lora(args.lora, scale=1.0 if args.lora_scale is None else args.lora_scale)
+    _load_lora(pipe, args)
     if args.fast:
         speed_up(pipe, device)
     start = time.perf_counter()
@@ -275,15 +297,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from latent_diffusion.pipeline import TextToImagePipeline
 
     folder = Path(args.pipeline) if args.pipeline else default_pipeline()
-    if not (folder / "model_index.json").is_file():
-        print(f"error: no pipeline at {folder} (model_index.json not found); pass --pipeline DIR", file=sys.stderr)
+    if not _is_pipeline(folder):
         return 2
     for name in ("num_prompts", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _check_scales(args)
+    _check_lora_flags(args)
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
+    _load_lora(pipe, args)
     if args.fast:
         speed_up(pipe, device)
     heldout = heldout_pairs(folder, args.heldout)

@@ -172,3 +172,13 @@ def test_damaged_files_are_named(tiny_pipeline_dir, tmp_path, capsys):
         assert main(["generate", "x", "--pipeline", str(folder), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot read {folder / damaged}"), err
+
+
+def test_a_lora_folder_given_as_the_pipeline_is_named(tiny_pipeline_dir, tmp_path, capsys):
+    (tmp_path / "lora_index.json").write_text("{}")
+    assert main(["generate", "a red circle", "--pipeline", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert f"{tmp_path} is a LoRA folder: pass its base pipeline as --pipeline and the LoRA as --lora" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--pipeline", str(tiny_pipeline_dir), "--lora-scale", "0.5", "--out",
+                 str(tmp_path / "e")]) == 2
+    assert "--lora-scale needs --lora" in capsys.readouterr().err

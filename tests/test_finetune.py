@@ -612,3 +612,26 @@ def test_lora_loading_mistakes_are_named(tiny_pipeline, lora_run):
         load_lora(tiny_pipeline, lora_run)
     assert "trained on the pipeline" not in str(refused.value)  # the base is not the cause
     assert lora_components(tiny_pipeline) == []
+
+
+def test_an_output_folder_a_fine_tune_did_not_write_is_refused(tiny_pipeline_dir, imagefolder, tmp_path,
+                                                               monkeypatch):
+    other = tmp_path / "other-pipeline"
+    shutil.copytree(tiny_pipeline_dir, other)
+    before = (other / "decoder" / "model.safetensors").read_bytes()
+    args = ("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1", *FAST)
+    for method in ("lora", "full"):
+        with pytest.raises(ValueError, match=r"already holds a pipeline or LoRA \(model_index.json\) that no "
+                                             "fine-tune wrote: its files would be replaced; pick a new folder"):
+            run_in_process(*args, "--method", method, "--output-dir", str(other))
+    assert (other / "decoder" / "model.safetensors").read_bytes() == before and not (other / "_work").exists()
+    runs = tmp_path / "runs"
+    (runs / "_work" / "decoder").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"already holds training runs of \['decoder'\]"):
+        run_in_process(*args, "--output-dir", str(runs))
+    with pytest.raises(ValueError, match="finetune: --fsdp is not supported by this stage"):
+        run_in_process(*args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what accelerate launch --mixed_precision fp16 sets
+    with pytest.raises(ValueError, match=r"mixed precision fp16 \(from the launcher: accelerate launch "
+                                         r"--mixed_precision, or its config\) needs a GPU"):
+        run_in_process(*args, "--output-dir", str(tmp_path / "fp16"))

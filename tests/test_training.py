@@ -205,10 +205,17 @@ def test_resume_takes_this_runs_lr_and_sets_later_checkpoints_aside(tmp_path, ca
     train_vae.main([*common, "--max-steps", "3", "--resume", str(work / "checkpoint-2"), "--vae.optim.lr", "1e-5"])
     AcceleratorState._reset_state(reset_partial_state=False)
     out = capsys.readouterr().out
-    assert "resuming with lr 1e-05" in out and "moved to stale-checkpoint-4" in out
+    assert "resuming with lr 1e-05" in out
+    assert f"checkpoint-4 is from a run past step 2; kept as {work / 'stale-checkpoint-4'}" in out
     last = [r for r in metrics(tmp_path, "vae") if "lr" in r][-1]
     assert last["step"] == 3 and last["lr"] == pytest.approx(1e-5)
     assert sorted(p.name for p in work.glob("*checkpoint-*")) == ["checkpoint-3", "stale-checkpoint-4"]
+    # a checkpoint past max_steps is not resumed (nothing would train), also one set aside
+    (work / "DONE").unlink()
+    with pytest.raises(ValueError, match="stale-checkpoint-4 is at step 4, past max_steps 3: there is nothing to "
+                                         "train; pass --max-steps 4 or more"):
+        train_vae.main([*common, "--max-steps", "3", "--resume", str(work / "stale-checkpoint-4")])
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def test_time_limit_stops_early_and_saves_as_finished(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,8 +35,11 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
 
 
 def checkpoint_step(path: Path) -> int:
-    """N of a `checkpoint-N` folder."""
-    return int(path.name.split("-")[1])
+    """N of a `checkpoint-N` folder (also once set aside as `stale-checkpoint-N[-time]`)."""
+    found = re.search(r"checkpoint-(\d+)", path.name)
+    if found is None:
+        raise ValueError(f"{path}: not a checkpoint folder (checkpoint-N)")
+    return int(found.group(1))
 
 
 def save_checkpoint(stage: Stage, step: int, limit: int, ema: EMA | None = None, model: torch.nn.Module | None = None,
@@ -234,7 +238,10 @@ def set_aside_later_checkpoints(stage: Stage, step: int) -> None:
                 if target.exists():
                     target = old.with_name(f"stale-{old.name}-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(old, target)
-                stage.print(f"{stage.name}: {old.name} is from a run past step {step}; moved to {target.name}")
+                why = f"from a run past step {step}" if step > 0 else \
+                    "from an earlier run, which this one does not continue (it was started without --resume)"
+                stage.print(f"{stage.name}: {old.name} is {why}; kept as {target} (to continue that run instead, "
+                            f"stop this one and pass --resume {target})")
     acc.wait_for_everyone()
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
 from latent_diffusion.io import config_from_dict, read_json
-from latent_diffusion.lora import LORA_COMPONENTS, add_lora, save_lora
+from latent_diffusion.lora import LORA_COMPONENTS, LORA_INDEX, add_lora, save_lora
 from latent_diffusion.models import AutoencoderKLConfig
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
 from latent_diffusion.models.image_normalizer import noise_augment
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=None, help="optimiser steps (default: 1000)")
     parser.add_argument("--output-dir", required=True, help="where the LoRA folder or the new pipeline goes")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
+    parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)  # refused by name (setup_stage)
     return parser
 
 
@@ -180,7 +181,10 @@ def _check(cfg: FinetuneConfig) -> None:
     if cfg.pipeline is None:
         raise ValueError("--pipeline is required: the trained pipeline folder to fine-tune")
     if not (Path(cfg.pipeline) / "model_index.json").is_file():
-        raise FileNotFoundError(f"--pipeline {cfg.pipeline}: not a pipeline folder (no model_index.json)")
+        lora = (Path(cfg.pipeline) / LORA_INDEX).is_file()
+        raise FileNotFoundError(f"--pipeline {cfg.pipeline}: not a pipeline folder (no model_index.json)" + (
+            "; it is a LoRA folder: fine-tune its base pipeline, or fuse the LoRA into it first (pipe.fuse_lora(), "
+            "pipe.unload_lora(), pipe.save_pretrained(...))" if lora else ""))
     components = cfg.components
     bad = [c for c in components if c not in COMPONENTS]
     if bad or not components or len(set(components)) != len(components):
@@ -223,6 +227,19 @@ def _typed_order_refused(checkpoint: Path) -> None:
                          f"{','.join(c for c in COMPONENTS if c in components)}: start a new --output-dir")
 
 
+def _refuse_foreign_output(out: Path) -> None:
+    """Refuse an --output-dir that holds a pipeline, a LoRA or training runs that no fine-tune wrote there: its
+    weights and config.yaml would be replaced. A fine-tune's own folder (resumed, or finished and skipped) is fine."""
+    if (out / "_work" / "finetune").is_dir():
+        return
+    others = sorted(p.name for p in (out / "_work").iterdir()) if (out / "_work").is_dir() else []
+    held = [name for name in ("model_index.json", LORA_INDEX) if (out / name).is_file()]
+    if held or others:
+        what = f"a pipeline or LoRA ({', '.join(held)})" if held else f"training runs of {others} (_work/)"
+        raise ValueError(f"--output-dir {out} already holds {what} that no fine-tune wrote: its files would be "
+                         "replaced; pick a new folder")
+
+
 def _cast_frozen(modules: list[nn.Module], dtype: torch.dtype) -> None:
     """Store the frozen parameters in `dtype` (memory); trained ones stay fp32, buffers keep their precision."""
     for module in modules:
@@ -242,9 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.output_dir).resolve() == Path(cfg.pipeline).resolve():
         raise ValueError(f"--output-dir {args.output_dir} is the --pipeline folder: fine-tuning writes a new folder "
                          "(its weights, config.yaml and checkpoints would replace the base's); pick another")
+    _refuse_foreign_output(Path(args.output_dir))
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
-    stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg,
+    stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg, shardable=False,
                         find_unused_parameters=cfg.method == "full" and "text_encoder" in cfg.components)
     acc, out, oc = stage.accelerator, stage.output_dir, cfg.optim
     # LoRA checkpoints hold the adapters: the frozen base is --pipeline's, which resuming checks
@@ -252,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     stage.base_fingerprint, stage.check_legacy = pipeline_fingerprint(stage.base), _typed_order_refused
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
-        raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
+        source = "--mixed-precision fp16" if oc.mixed_precision == "fp16" else \
+            "mixed precision fp16 (from the launcher: accelerate launch --mixed_precision, or its config)"
+        raise ValueError(f"{source} needs a GPU; on a CPU use bf16 (or no)")
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
         record = out / "config.yaml"
         old = (yaml.safe_load(record.read_text()) or {}) if record.is_file() else {}

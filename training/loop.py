@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from latent_diffusion import speed
 from training import sharding
 from training.checkpoint import (
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -196,6 +197,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     start = 0
     checkpoint = resolve_resume(stage)
     if checkpoint is not None:
+        if checkpoint_step(checkpoint) > stage.max_steps:  # resuming cannot shorten a run
+            raise ValueError(f"{stage.name}: {checkpoint} is at step {checkpoint_step(checkpoint)}, past max_steps "
+                             f"{stage.max_steps}: there is nothing to train; pass --max-steps "
+                             f"{checkpoint_step(checkpoint)} or more to continue it")
         start = load_checkpoint(stage, checkpoint, wrapped, optimizer, scheduler, ema)
         stage.print(f"resumed from {checkpoint} at step {start}")
         apply_optim_config(stage, optimizer, scheduler, oc)

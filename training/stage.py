@@ -203,7 +203,8 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
                          "`accelerate launch --multi_gpu --num_processes N` (N >= 2) or drop --fsdp")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        source = "the config" if oc.mixed_precision is not None else "the launcher, or Accelerate's default"
+        source = "the config or the command line" if oc.mixed_precision is not None else \
+            "the launcher, or Accelerate's default"
         print(f"{name}: mixed precision {accelerator.mixed_precision} (from {source})", flush=True)
     return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
 

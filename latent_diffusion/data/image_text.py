@@ -235,7 +235,8 @@ def load_source(
         if train_data_dir is not None:
             folder = Path(train_data_dir).expanduser()
             if not folder.is_dir():
-                raise FileNotFoundError(f"train_data_dir {str(folder)!r} is not a folder")
+                hint = " (a data file is given as the dataset name: --dataset-name FILE)" if folder.is_file() else ""
+                raise FileNotFoundError(f"train_data_dir {str(folder)!r} is not a folder{hint}")
             return _load_imagefolder(folder, cache_dir), (folder,), folder
 
         path = Path(dataset_name).expanduser()
