@@ -181,9 +181,18 @@ def _check_lora_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
 
 
-def _load_lora(pipe: TextToImagePipeline, args: argparse.Namespace) -> None:
-    if args.lora:
-        pipe.load_lora(args.lora, scale=1.0 if args.lora_scale is None else args.lora_scale)
+def _load_lora(pipe: TextToImagePipeline, args: argparse.Namespace, folder: Path) -> None:
+    """`--lora` into `pipe` (loaded from `folder`), with a note when the LoRA was trained on another pipeline (one of
+    the same architecture: another would be refused)."""
+    from latent_diffusion.lora import read_lora_index
+
+    if not args.lora:
+        return
+    pipe.load_lora(args.lora, scale=1.0 if args.lora_scale is None else args.lora_scale)
+    base = read_lora_index(Path(args.lora)).get("base_pipeline")
+    if base and Path(base).resolve() != folder.resolve():
+        print(f"note: the LoRA {args.lora} was trained on the pipeline {base}; applying it to {folder}",
+              file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -215,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out_path}: {blocking} is a file, not a folder")
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
-    _load_lora(pipe, args)
+    _load_lora(pipe, args, folder)
     if args.fast:
         speed_up(pipe, device)
     start = time.perf_counter()
@@ -306,7 +315,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_lora_flags(args)
     device = resolve_device(args.device)
     pipe = TextToImagePipeline.from_pretrained(folder, device=device)
-    _load_lora(pipe, args)
+    _load_lora(pipe, args, folder)
     if args.fast:
         speed_up(pipe, device)
     heldout = heldout_pairs(folder, args.heldout)

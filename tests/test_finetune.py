@@ -466,6 +466,12 @@ def test_pipeline_methods_cli_flag_and_save_guard(tiny_pipeline, tiny_pipeline_d
                      "--prior-steps", "2", "--num-images", "1", "--out", str(out), "--quiet", *extra]) == 0
         outs.append(np.asarray(Image.open(out), dtype=np.float32))
     assert np.abs(outs[0] - outs[1]).max() > 0
+    assert "was trained on the pipeline" not in capsys.readouterr().err  # its own base: no note
+    other = shutil.copytree(tiny_pipeline_dir, tmp_path / "base-copy")
+    assert main(["generate", "a red circle", "--pipeline", str(other), "--steps", "1", "--prior-steps", "1",
+                 "--out", str(tmp_path / "other.png"), "--quiet", "--lora", str(lora_run)]) == 0
+    assert f"note: the LoRA {lora_run} was trained on the pipeline {tiny_pipeline_dir.resolve()}; applying it to " \
+        f"{other}" in capsys.readouterr().err
     assert main(["generate", "x", "--pipeline", str(tiny_pipeline_dir), "--lora-scale", "0.5"]) == 2
     assert "--lora-scale needs --lora" in capsys.readouterr().err
 
