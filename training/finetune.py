@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                     "latest and a larger --max-steps; for other settings use a new --output-dir)"
                     + (f". It was trained with other settings than these: {shown}" if shown else ""))
         return
-    dataset = build_dataset(cfg.data, cfg.seed)  # a missing folder, file or column fails here, before any model loads (unreadable images once read)
+    # a missing folder, file or column fails here, before any model loads (unreadable images once they are read)
+    dataset = build_dataset(cfg.data, cfg.seed)
     pipe = TextToImagePipeline.from_pretrained(cfg.pipeline, device=acc.device)
     names = list(cfg.components)
     missing = [c for c in names if c != "vae_decoder" and getattr(pipe, c, None) is None]
