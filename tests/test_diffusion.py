@@ -95,6 +95,12 @@ def _max_err(ours, theirs, theirs_ve: bool = False) -> float:
 X_VP = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # the VP prior sample
 
 
+def _assert_same_state(ours, theirs) -> None:
+    """The generator(s) drew as many numbers on both sides."""
+    for a, b in zip(ours if isinstance(ours, list) else [ours], theirs if isinstance(theirs, list) else [theirs]):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
 # ---- a) against diffusers ----------------------------------------------------------------------------------
 
 
@@ -149,12 +155,14 @@ def test_ddim_matches_diffusers(prediction_type, eta, set_alpha_to_one, beta_sch
     ds = _diffusers()
     ref = ds.DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, clip_sample=False,
                            prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one)
-    theirs = _run_diffusers(ref, 20, X_VP, torch.Generator().manual_seed(1), eta=eta)
+    theirs_gen, ours_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    theirs = _run_diffusers(ref, 20, X_VP, theirs_gen, eta=eta)
     s = NoiseSchedule(ScheduleConfig(beta_schedule=beta_schedule, prediction_type=prediction_type))
     sigmas = s.sampling_sigmas(20, **default_sampling("ddim"), final_sigma="zero" if set_alpha_to_one else "min")
     x = X_VP * initial_noise_scale(sigmas[0].item())
-    ours = _run_ours("ddim", s, sigmas, x, torch.Generator().manual_seed(1), eta=eta)
+    ours = _run_ours("ddim", s, sigmas, x, ours_gen, eta=eta)
     assert _max_err(ours, theirs) < 1e-4
+    _assert_same_state(ours_gen, theirs_gen)
 
 
 @pytest.mark.parametrize("prediction_type, steps_offset, per_row", [
@@ -170,11 +178,15 @@ def test_ddpm_matches_diffusers(prediction_type, steps_offset, per_row):
             return [torch.Generator().manual_seed(10 + i) for i in range(X_VP.shape[0])]
         return torch.Generator().manual_seed(2)
 
-    theirs = _run_diffusers(ref, 20, X_VP, gen())
+    theirs_gen, ours_gen = gen(), gen()
+    theirs = _run_diffusers(ref, 20, X_VP, theirs_gen)
     s = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type))
     sigmas = s.sampling_sigmas(20, **default_sampling("ddpm"), steps_offset=steps_offset)
-    ours = _run_ours("ddpm", s, sigmas, X_VP * initial_noise_scale(sigmas[0].item()), gen())
+    # diffusers draws at every timestep > 0: the last one is 1 with steps_offset 1
+    ours = _run_ours("ddpm", s, sigmas, X_VP * initial_noise_scale(sigmas[0].item()), ours_gen,
+                     final_draw=steps_offset > 0)
     assert _max_err(ours, theirs) < 1e-4
+    _assert_same_state(ours_gen, theirs_gen)  # what the generators draw next agrees too
 
 
 @pytest.mark.parametrize("prediction_type, zero_snr", [
@@ -188,10 +200,12 @@ def test_euler_ancestral_matches_diffusers(prediction_type, zero_snr):
     n = 10 if zero_snr else 20
     ref.set_timesteps(n)
     x = X_VP * ref.init_noise_sigma  # sigma_max, not sqrt(1 + sigma_max²), for linspace / trailing spacing
-    theirs = _run_diffusers(ref, n, x, torch.Generator().manual_seed(3))  # VE samples
+    theirs_gen, ours_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    theirs = _run_diffusers(ref, n, x, theirs_gen)  # VE samples
     s = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type, rescale_zero_terminal_snr=zero_snr))
     sigmas = s.sampling_sigmas(n, "trailing" if zero_snr else default_sampling("euler_ancestral")["spacing"])
-    ours = _run_ours("euler_ancestral", s, sigmas, x, torch.Generator().manual_seed(3))
+    ours = _run_ours("euler_ancestral", s, sigmas, x, ours_gen)
+    _assert_same_state(ours_gen, theirs_gen)  # the last step draws too
     # From sigma_max ≈ 4096 the first fp32 step cancels numbers of size 4096 (ulp 5e-4) on both sides.
     assert _max_err(ours, theirs, theirs_ve=True) < (3e-4 if zero_snr else 1e-4)
 
@@ -548,7 +562,7 @@ def test_per_row_generators_make_rows_independent_of_the_batch(name):
     assert batch.shape == x.shape and torch.isfinite(batch).all()
 
 
-def test_noise_is_drawn_once_per_step_with_positive_next_sigma():
+def test_noise_is_drawn_once_per_stochastic_step():
     s = NoiseSchedule()
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
@@ -562,12 +576,16 @@ def test_noise_is_drawn_once_per_step_with_positive_next_sigma():
     g.set_state(state)
     sample_ddim(gaussian_denoiser, torch.zeros(2, 3, dtype=torch.float64), sigmas, generator=g, eta=0.0)
     assert torch.equal(g.get_state(), state)  # deterministic: no draws
-    g.set_state(state)
-    sample_ddpm(gaussian_denoiser, torch.zeros(2, 3, dtype=torch.float64), s.sampling_sigmas(6), generator=g)
-    g2.set_state(state)
-    for _ in range(5):  # the last step goes to sigma = 0: no draw
-        torch.randn(2, 3, generator=g2, dtype=torch.float64)
-    assert torch.equal(g.get_state(), g2.get_state())
+    outs = []
+    for final_draw, draws in ((False, 5), (True, 6)):  # the last step goes to sigma = 0: a draw if asked
+        g.set_state(state)
+        outs.append(sample_ddpm(gaussian_denoiser, torch.zeros(2, 3, dtype=torch.float64), s.sampling_sigmas(6),
+                                generator=g, final_draw=final_draw))
+        g2.set_state(state)
+        for _ in range(draws):
+            torch.randn(2, 3, generator=g2, dtype=torch.float64)
+        assert torch.equal(g.get_state(), g2.get_state())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # the final draw adds no noise
 
 
 def test_callback_reports_every_step():

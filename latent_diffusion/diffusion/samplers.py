@@ -8,8 +8,11 @@ one; `cfg` / `batched_cfg` wrap denoisers into guided ones.
 Every sampler has one signature, `sample_x(denoiser, x, sigmas, *, generator=None, callback=None,
 disable_progress=True, **extra) -> x`, where x (B, ...) is the start sample already at noise level
 sigmas[0] (VE; see `initial_noise_scale`) and sigmas (n+1,) decreases to the final level, usually 0.
-Stochastic samplers draw noise exactly once per step whose next sigma is > 0, in step order, so a seeded
-generator reproduces diffusers' schedulers draw for draw.
+Stochastic samplers draw noise in step order as diffusers' schedulers do, so a seeded generator reproduces them
+draw for draw (and is left in the same state for whatever draws next): `euler_ancestral` and `ddim` with eta > 0
+once per step, the last one included; `ddpm` once per step whose next sigma is > 0, and on the last step too with
+`final_draw=True` (diffusers' DDPM draws at every timestep > 0: its last one is > 0 with trailing spacing or a
+steps_offset).
 """
 
 from __future__ import annotations
@@ -198,8 +201,9 @@ def _ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[floa
 
 def _sample_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, eta: float,
                       generator: Generators, callback: Callback, disable_progress: bool,
-                      extra: dict[str, Any]) -> torch.Tensor:
-    """Euler steps to sigma_down plus fresh noise sigma_up (see `_ancestral_sigmas`)."""
+                      extra: dict[str, Any], final_draw: bool) -> torch.Tensor:
+    """Euler steps to sigma_down plus fresh noise sigma_up (see `_ancestral_sigmas`). A step to sigma 0 adds no
+    noise; it still draws (a zero-weighted draw) when `final_draw`, as diffusers' scheduler does."""
     sig = sigmas.tolist()
     for i in tqdm(range(len(sig) - 1), disable=disable_progress):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -207,7 +211,7 @@ def _sample_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tenso
         sigma_down, sigma_up = _ancestral_sigmas(sigma, sigma_next, eta)
         d = (x - denoised) / sigma  # dx/dsigma of the probability-flow ODE (Karras et al. 2022, Eq. 3)
         x = x + d * (sigma_down - sigma)
-        if eta > 0 and sigma_next > 0:  # one draw per stochastic step, even where sigma_up is 0
+        if eta > 0 and (sigma_next > 0 or final_draw):  # one draw per stochastic step, even where sigma_up is 0
             x = x + _randn(x, generator) * sigma_up
         if callback is not None:
             callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
@@ -219,11 +223,13 @@ def _sample_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tenso
 
 @torch.no_grad()
 def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                callback: Callback = None, disable_progress: bool = True, **extra: Any) -> torch.Tensor:
+                callback: Callback = None, disable_progress: bool = True, final_draw: bool = False,
+                **extra: Any) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2, with the posterior variance β̃ of Eq. 7 over
     skipped steps; diffusers' `fixed_small`): in VE space an ancestral Euler step with eta = 1,
-    sigma_up = sqrt(σ'²(σ² - σ'²)/σ²), sigma_down = σ'²/σ."""
-    return _sample_ancestral(denoiser, x, sigmas, 1.0, generator, callback, disable_progress, extra)
+    sigma_up = sqrt(σ'²(σ² - σ'²)/σ²), sigma_down = σ'²/σ. `final_draw`: the last step draws too (no noise is
+    added), as diffusers' DDPM does when its last timestep is > 0."""
+    return _sample_ancestral(denoiser, x, sigmas, 1.0, generator, callback, disable_progress, extra, final_draw)
 
 
 @torch.no_grad()
@@ -232,8 +238,8 @@ def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
                 **extra: Any) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12): x_s = sqrt(ᾱ_s) x0 + sqrt(1 - ᾱ_s - σ_η²) eps + σ_η z. Divided by
     sqrt(ᾱ_s) this is x0 + sigma_down eps + sigma_up z: eta = 0 is the deterministic Euler step of the
-    probability-flow ODE, eta = 1 is DDPM."""
-    return _sample_ancestral(denoiser, x, sigmas, eta, generator, callback, disable_progress, extra)
+    probability-flow ODE, eta = 1 is DDPM. With eta > 0 every step draws, the last one included (diffusers')."""
+    return _sample_ancestral(denoiser, x, sigmas, eta, generator, callback, disable_progress, extra, True)
 
 
 @torch.no_grad()
@@ -241,8 +247,9 @@ def sample_euler_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.
                            generator: Generators = None, callback: Callback = None,
                            disable_progress: bool = True, eta: float = 1.0, **extra: Any) -> torch.Tensor:
     """Ancestral Euler (Karras et al. 2022, Eq. 3 Euler steps with the ancestral noise split; k-diffusion's
-    `sample_euler_ancestral`). Same update as DDPM / DDIM, by default on linspace sigmas."""
-    return _sample_ancestral(denoiser, x, sigmas, eta, generator, callback, disable_progress, extra)
+    `sample_euler_ancestral`). Same update as DDPM / DDIM, by default on linspace sigmas; every step draws, the
+    last one included (diffusers')."""
+    return _sample_ancestral(denoiser, x, sigmas, eta, generator, callback, disable_progress, extra, True)
 
 
 @torch.no_grad()
