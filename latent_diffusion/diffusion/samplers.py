@@ -209,8 +209,10 @@ def _sample_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tenso
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, _sigma_batch(sigma, x), **extra)
         sigma_down, sigma_up = _ancestral_sigmas(sigma, sigma_next, eta)
-        d = (x - denoised) / sigma  # dx/dsigma of the probability-flow ODE (Karras et al. 2022, Eq. 3)
-        x = x + d * (sigma_down - sigma)
+        # Euler step x + d (sigma_down - sigma), d = (x - denoised) / sigma the probability-flow ODE's dx/dsigma
+        # (Karras et al. 2022, Eq. 3), written as the same interpolation towards x0: at sigma ~ 1e4 (cosine or
+        # zero-SNR schedules) x + d·Δσ cancels two numbers of size sigma in float32.
+        x = denoised + (sigma_down / sigma) * (x - denoised)
         if eta > 0 and (sigma_next > 0 or final_draw):  # one draw per stochastic step, even where sigma_up is 0
             x = x + _randn(x, generator) * sigma_up
         if callback is not None:
