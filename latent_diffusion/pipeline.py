@@ -553,7 +553,9 @@ class TextToImagePipeline(ImageTasks):
         Guidance with a separate image scale: the decoder's prediction is u + g (t − u) + g_img (f − t), with u the
         unconditional, t the text-only and f the text-and-image prediction. So `guidance_scale=0` is the
         unconditional prediction only with `image_guidance_scale=0`, and `guidance_scale=1` is unguided only with
-        `image_guidance_scale` 1 (f) or 0 (t).
+        `image_guidance_scale` 1 (f) or 0 (t). `guidance_rescale` φ (Lin et al. 2024, §3.4) rescales the guided
+        v-prediction, as the paper does, whatever the network predicts (diffusers' Stable Diffusion pipelines
+        rescale ε for ε-prediction models, which differs).
 
         Seeding: each image's generator draws the prior's noise first, then the decoder's (diffusers' order). A
         call given `image_embeds` skips the prior, so with the same seed its decoder noise, and its image, differ
