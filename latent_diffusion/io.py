@@ -72,7 +72,7 @@ def coerce_field(value: Any, hint: Any, where: str) -> Any:
     if value is None:
         if type(None) in args:
             return None
-        raise ValueError(f"{where}=None is not allowed; expected {hint}")
+        raise ValueError(f"{where}=None is not allowed; expected {' or '.join(map(_type_name, options))}")
     for option in options:
         o = typing.get_origin(option)
         if o is typing.Literal:
@@ -95,15 +95,32 @@ def coerce_field(value: Any, hint: Any, where: str) -> Any:
         elif option is str and isinstance(value, str):
             return value
         elif o is tuple and isinstance(value, tuple):
-            return value
+            items = typing.get_args(option)
+            if not items:
+                return value
+            kinds = [items[0]] * len(value) if len(items) == 2 and items[1] is Ellipsis else list(items)
+            if len(kinds) != len(value):
+                raise ValueError(f"{where}={list(value)!r} has {len(value)} items; expected {len(kinds)}")
+            return tuple(coerce_field(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
         elif o is None and isinstance(option, type) and not dataclasses.is_dataclass(option) \
                 and option not in (float, bool, int, str) and isinstance(value, option):
             return value
         elif dataclasses.is_dataclass(option) and isinstance(value, option):
             return value
-    allowed = [list(typing.get_args(o)) if typing.get_origin(o) is typing.Literal else getattr(o, "__name__", str(o))
-               for o in options]
-    raise ValueError(f"{where}={value!r} is not allowed; expected {' or '.join(map(str, allowed))}")
+    shown = list(value) if isinstance(value, tuple) else value
+    raise ValueError(f"{where}={shown!r} is not allowed; expected {' or '.join(map(_type_name, options))}")
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as an error message names it: int, one of ['a', 'b'], a list of int, ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if origin is tuple:
+        inner = _type_name(args[0]) if len(args) == 2 and args[1] is Ellipsis else \
+            ", ".join(map(_type_name, args)) if args else "values"
+        return f"a list ([...]) of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list [{inner}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def dataclass_in(hint: Any) -> type | None:

@@ -341,8 +341,19 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     typed.write_text("vae:\n  optim: {lr: 3e-4, lr_schedule: cosine}\n")  # YAML 1.1 reads 3e-4 as a string
     assert load_config(typed).vae.optim.lr == 3e-4
     typed.write_text("vae:\n  optim: {lr_schedule: linear}\n")
-    with pytest.raises(ValueError, match=r"lr_schedule='linear' is not allowed; expected \['constant', 'cosine'\]"):
+    with pytest.raises(ValueError, match=r"lr_schedule='linear' is not allowed; expected one of \['constant', "
+                                         r"'cosine'\]"):
         load_config(typed)
+    # list values: each item is checked, by flag
+    for flag, value, message in (("--decoder.channels", "[32, x]", r"--decoder.channels\[1\]='x' .* expected int"),
+                                 ("--vae.optim.betas", "[0.9, a]", r"--vae.optim.betas\[1\]='a' .* expected float"),
+                                 ("--vae.optim.betas", "0.9", r"betas=0.9 .* expected a list \[float, float\]"),
+                                 ("--vae.optim.betas", "[0.9, 0.99, 0.5]", "has 3 items; expected 2"),
+                                 ("--decoder.optim.lr", "[1e-4]", r"--decoder.optim.lr=\['1e-4'\] .* expected float"),
+                                 ("--decoder.optim.lr", "null", "--decoder.optim.lr=None is not allowed; expected "
+                                                                "float")):
+        with pytest.raises(ValueError, match=message):
+            load_config(MICRO, [flag, value])
     with pytest.raises(ValueError, match="data.random_flip applies to image_text data only"):
         load_config(MICRO, ["--data.random_flip", "true"])  # shapes: it would be silently ignored
     with pytest.raises(ValueError, match="batch_size='many'"):

@@ -282,7 +282,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Expe
                 value = _coerce(text, default, hint)
                 if isinstance(value, dict) and sub is not None and isinstance(node.get(key), dict):
                     value = _merged(node[key], value)  # a section's keys on top of the recipe's, not instead
-                elif not isinstance(value, (list, dict)):  # (config_from_dict builds tuples and sections later)
+                elif isinstance(value, list):  # checked here, by flag (config_from_dict builds the tuples later)
+                    coerce_field(tuple(tuple(v) if isinstance(v, list) else v for v in value), hint, flag)
+                elif not isinstance(value, dict):  # (sections are built later)
                     value = coerce_field(value, hint, flag)
                 node[key] = value
             else:
