@@ -1087,3 +1087,31 @@ def test_a_resumed_stage_names_only_its_own_changed_settings(tmp_path, capsys):
         other = "vae" if name == "clip" else "clip"
         assert f"{other}.optim" not in notes[0] and "max_steps" not in notes[0]
         assert (tmp_path / "_work" / name / "config-before-step-2.yaml").is_file()
+
+
+def test_a_resume_path_applies_to_the_stage_that_wrote_it(tmp_path):
+    from accelerate import Accelerator
+
+    from training.checkpoint import resolve_resume
+    from training.stage import Stage
+    from training.train_all import _resume_owner, _with_resume
+
+    checkpoint = tmp_path / "_work" / "vae" / "stale-checkpoint-125"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    # train_all: the VAE resumes from it, every other stage from its own latest
+    assert _resume_owner(str(checkpoint), tmp_path) == "vae" and _resume_owner("latest", tmp_path) is None
+    argv = ["--config", MICRO, "--resume", str(checkpoint), "--max-steps", "3"]
+    assert _with_resume(argv, "latest") == ["--config", MICRO, "--resume", "latest", "--max-steps", "3"]
+    assert _with_resume([f"--resume={checkpoint}"], "latest") == ["--resume=latest"]
+    with pytest.raises(ValueError, match="train_all takes 'latest' or a checkpoint in .*_work/<stage>/"):
+        _resume_owner(str(tmp_path / "elsewhere" / "checkpoint-3"), tmp_path)
+    # a stage on its own refuses another stage's checkpoint by name
+    stage = Stage("prior", load_config(MICRO), Accelerator(cpu=True), tmp_path, tmp_path / "_work" / "prior", 4,
+                  str(checkpoint))
+    with pytest.raises(ValueError, match="that is a checkpoint of the vae stage, not of prior"):
+        resolve_resume(stage)
+    stage.resume = str(checkpoint).replace("vae", "prior")
+    (tmp_path / "_work" / "prior" / "stale-checkpoint-125").mkdir(parents=True)
+    (tmp_path / "_work" / "prior" / "stale-checkpoint-125" / "trainer_state.json").write_text("{}")
+    assert resolve_resume(stage) == Path(stage.resume)

@@ -266,12 +266,16 @@ def resolve_resume(stage: Stage) -> Path | None:
     if stage.resume == "latest":
         found = list_checkpoints(stage.work_dir)
         if not found:
-            stage.print(f"--resume latest: no checkpoint in {stage.work_dir}; starting from step 0")
+            stage.print(f"{stage.name}: --resume latest: no checkpoint in {stage.work_dir}; starting from step 0")
             return None
         return found[-1]
     path = Path(stage.resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+    other = path.resolve().parent
+    if other.parent.name == "_work" and other.name != stage.name:
+        raise ValueError(f"--resume {path}: that is a checkpoint of the {other.name} stage, not of {stage.name} "
+                         f"(its checkpoints are in {stage.work_dir})")
     return path
 
 
