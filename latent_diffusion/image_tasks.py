@@ -33,6 +33,9 @@ class ImageTasks:
         """Variations of image(s): decode their CLIP image embeddings (unCLIP §3.1) with `prompt` (default empty;
         Stable unCLIP's image variations take one too) and, for noise-augmented decoders, `noise_level`."""
         check_count("num_images_per_prompt", num_images_per_prompt)
+        if not self.decoder.config.uses_image_embeds:
+            raise ValueError("image variations need a decoder conditioned on CLIP image embeddings; this pipeline's "
+                             "decoder reads the text alone")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be one string (for every image), got {prompt!r}")
         embeds = self.encode_image(image)

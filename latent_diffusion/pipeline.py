@@ -592,6 +592,9 @@ class TextToImagePipeline(ImageTasks):
         expected = (len(prompts) * n, self.decoder.config.in_channels, *shape)
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise ValueError(f"latents must be a torch.Tensor of shape {expected}, got {type(latents).__name__}")
+        if image_embeds is not None and not self.decoder.config.uses_image_embeds:
+            raise ValueError("image_embeds: this pipeline's decoder is conditioned on text alone (no "
+                             "UNetConfig.image_embed_dim), so it takes no image embeddings")
         if image_embeds is not None and (not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2):
             got = f"shape {tuple(image_embeds.shape)}" if isinstance(image_embeds, torch.Tensor) else \
                 type(image_embeds).__name__

@@ -1115,3 +1115,23 @@ def test_a_resume_path_applies_to_the_stage_that_wrote_it(tmp_path):
     (tmp_path / "_work" / "prior" / "stale-checkpoint-125").mkdir(parents=True)
     (tmp_path / "_work" / "prior" / "stale-checkpoint-125" / "trainer_state.json").write_text("{}")
     assert resolve_resume(stage) == Path(stage.resume)
+
+
+def test_a_text_only_decoder_keeps_the_image_encoder_for_evaluation(one_process_run, tmp_path):
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from latent_diffusion import TextToImagePipeline
+    from training import train_decoder
+
+    shutil.copytree(one_process_run, tmp_path / "text", ignore=shutil.ignore_patterns("decoder"))
+    train_decoder.main(["--config", MICRO, "--output-dir", str(tmp_path / "text"), "--max-steps", "1",
+                        "--prior", "null"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "text")
+    assert pipe.prior is None and pipe.image_encoder is not None  # `evaluate` scores with it
+    with pytest.raises(ValueError, match="image variations need a decoder conditioned on CLIP image embeddings"):
+        pipe.image_variations(torch.rand(3, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="this pipeline's decoder is conditioned on text alone"):
+        pipe("a red circle", image_embeds=torch.zeros(1, 32), num_inference_steps=1, progress=False)

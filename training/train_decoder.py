@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     prior = DiffusionPrior.from_pretrained(out / "prior", device=acc.device) if use_image else None
 
     def assemble(model: UNet) -> TextToImagePipeline:
-        return TextToImagePipeline(tokenizer, text_encoder, model, vae, prior, image_encoder if use_image else None,
-                                   pipe_cfg)
+        # the image encoder also serves a text-only decoder's pipeline: `evaluate` scores with it
+        return TextToImagePipeline(tokenizer, text_encoder, model, vae, prior, image_encoder, pipe_cfg)
 
     def validate(model, step):
         from latent_diffusion.cli import make_grid
