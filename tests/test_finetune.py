@@ -627,13 +627,13 @@ def test_an_output_folder_a_fine_tune_did_not_write_is_refused(tiny_pipeline_dir
     before = (other / "decoder" / "model.safetensors").read_bytes()
     args = ("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1", *FAST)
     for method in ("lora", "full"):
-        with pytest.raises(ValueError, match=r"already holds a pipeline or LoRA \(model_index.json\) that no "
-                                             "fine-tune wrote: its files would be replaced; pick a new folder"):
+        with pytest.raises(ValueError, match=r"already holds a pipeline or LoRA \(model_index.json\) that a "
+                                             "fine-tune did not write: its files would be replaced; pick a new folder"):
             run_in_process(*args, "--method", method, "--output-dir", str(other))
     assert (other / "decoder" / "model.safetensors").read_bytes() == before and not (other / "_work").exists()
     runs = tmp_path / "runs"
     (runs / "_work" / "decoder").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"already holds training runs of \['decoder'\]"):
+    with pytest.raises(ValueError, match=r"already holds runs of \['decoder'\] \(_work/\)"):
         run_in_process(*args, "--output-dir", str(runs))
     with pytest.raises(ValueError, match="finetune: --fsdp is not supported by this stage"):
         run_in_process(*args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))

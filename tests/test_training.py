@@ -1135,3 +1135,28 @@ def test_a_text_only_decoder_keeps_the_image_encoder_for_evaluation(one_process_
         pipe.image_variations(torch.rand(3, 16, 16), progress=False)
     with pytest.raises(ValueError, match="this pipeline's decoder is conditioned on text alone"):
         pipe("a red circle", image_embeds=torch.zeros(1, 32), num_inference_steps=1, progress=False)
+
+
+def test_a_stage_refuses_a_folder_it_would_overwrite_and_settings_that_cannot_apply(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from training import train_vae
+
+    saved = shutil.copytree(tiny_pipeline_dir, tmp_path / "saved")  # written by save_pretrained: no _work/
+    cases = [
+        (["--output-dir", str(saved)], r"already holds a pipeline or LoRA \(model_index.json\) that the training "
+                                       "stages did not write"),
+        (["--output-dir", str(tmp_path / "a"), "--vae.optim.mixed_precision", "fp16"],
+         r"vae: optim.mixed_precision fp16 \(the config or the command line\) needs a GPU"),
+        (["--output-dir", str(tmp_path / "b"), "--max-steps", "3", "--vae.optim.max_steps=5"],
+         "--max-steps 3 sets every stage's optim.max_steps, and --vae.optim.max_steps one of them"),
+    ]
+    for args, message in cases:
+        try:
+            with pytest.raises(ValueError, match=message):
+                train_vae.main(["--config", MICRO, *args])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=False)
+    assert not (saved / "_work").exists() and not (tmp_path / "a").exists()

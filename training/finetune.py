@@ -227,19 +227,6 @@ def _typed_order_refused(checkpoint: Path) -> None:
                          f"{','.join(c for c in COMPONENTS if c in components)}: start a new --output-dir")
 
 
-def _refuse_foreign_output(out: Path) -> None:
-    """Refuse an --output-dir that holds a pipeline, a LoRA or training runs that no fine-tune wrote there: its
-    weights and config.yaml would be replaced. A fine-tune's own folder (resumed, or finished and skipped) is fine."""
-    if (out / "_work" / "finetune").is_dir():
-        return
-    others = sorted(p.name for p in (out / "_work").iterdir()) if (out / "_work").is_dir() else []
-    held = [name for name in ("model_index.json", LORA_INDEX) if (out / name).is_file()]
-    if held or others:
-        what = f"a pipeline or LoRA ({', '.join(held)})" if held else f"training runs of {others} (_work/)"
-        raise ValueError(f"--output-dir {out} already holds {what} that no fine-tune wrote: its files would be "
-                         "replaced; pick a new folder")
-
-
 def _cast_frozen(modules: list[nn.Module], dtype: torch.dtype) -> None:
     """Store the frozen parameters in `dtype` (memory); trained ones stay fp32, buffers keep their precision."""
     for module in modules:
@@ -259,7 +246,6 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.output_dir).resolve() == Path(cfg.pipeline).resolve():
         raise ValueError(f"--output-dir {args.output_dir} is the --pipeline folder: fine-tuning writes a new folder "
                          "(its weights, config.yaml and checkpoints would replace the base's); pick another")
-    _refuse_foreign_output(Path(args.output_dir))
     # a fully trained text encoder has parts some steps do not reach (the pooled projection, when only the
     # decoder's token states read it)
     stage = setup_stage("finetune", args, overrides, lambda c: c.optim, config=cfg, shardable=False,
@@ -268,11 +254,6 @@ def main(argv: list[str] | None = None) -> None:
     # LoRA checkpoints hold the adapters: the frozen base is --pipeline's, which resuming checks
     stage.trained_only, stage.base = cfg.method == "lora", Path(cfg.pipeline).resolve()
     stage.base_fingerprint, stage.check_legacy = pipeline_fingerprint(stage.base), _typed_order_refused
-    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
-        # Accelerate has no fp16 autocast on the CPU, so the frozen fp16 weights would meet fp32 activations
-        source = "--mixed-precision fp16" if oc.mixed_precision == "fp16" else \
-            "mixed precision fp16 (from the launcher: accelerate launch --mixed_precision, or its config)"
-        raise ValueError(f"{source} needs a GPU; on a CPU use bf16 (or no)")
     if (stage.work_dir / "DONE").is_file() and stage.resume is None:
         record = out / "config.yaml"
         old = (yaml.safe_load(record.read_text()) or {}) if record.is_file() else {}

@@ -33,6 +33,8 @@ from training.config import (
     save_config,
 )
 
+TRAINING_STAGES = ("clip", "vae", "prior", "decoder")  # the stages that build one pipeline folder together
+
 
 @dataclass
 class Stage:
@@ -179,6 +181,10 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     `Stage.record_config`). `find_unused_parameters`: the trained parameters include some a step may not reach
     (DDP must then look for them, or it stops at the second step)."""
     config = load_config(args.config, overrides) if config is None else config
+    both = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].endswith("optim.max_steps")]
+    if args.max_steps is not None and both:
+        raise ValueError(f"--max-steps {args.max_steps} sets every stage's optim.max_steps, and {both[0]} one of "
+                         "them: pass one of the two")
     if args.max_steps is not None:  # every stage's optim.max_steps (train_all passes it to all), recorded
         config = _with_max_steps(config, args.max_steps)
     oc = optim(config)
@@ -193,8 +199,16 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
                               kwargs_handlers=handlers)
     check_distributed_type(accelerator.distributed_type)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate has no fp16 autocast on the CPU: the run would be fp32 (or meet fp16 frozen weights, finetune)
+        configured = "--mixed-precision fp16" if name == "finetune" else \
+            "optim.mixed_precision fp16 (the config or the command line)"
+        source = configured if oc.mixed_precision == "fp16" else \
+            "mixed precision fp16 (from the launcher: accelerate launch --mixed_precision, or its config)"
+        raise ValueError(f"{name}: {source} needs a GPU; on a CPU use bf16 (or no)")
     set_seed(config.seed)
     output_dir = Path(args.output_dir)
+    refuse_foreign_output(output_dir, ("finetune",) if name == "finetune" else TRAINING_STAGES)
     work_dir = output_dir / "_work" / name
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +221,22 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
             "the launcher, or Accelerate's default"
         print(f"{name}: mixed precision {accelerator.mixed_precision} (from {source})", flush=True)
     return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
+
+
+def refuse_foreign_output(out: Path, own: tuple[str, ...]) -> None:
+    """Refuse an output folder that holds a pipeline, a LoRA or runs that none of the stages `own` wrote there
+    (converted, saved, copied or fine-tuned): its weights and config.yaml would be replaced. A folder these stages
+    are writing (resumed, or finished and skipped) is fine, and so is one of component folders copied in to start
+    from (no model_index.json)."""
+    if any((out / "_work" / stage).is_dir() for stage in own):
+        return
+    others = sorted(p.name for p in (out / "_work").iterdir()) if (out / "_work").is_dir() else []
+    held = [name for name in ("model_index.json", "lora_index.json") if (out / name).is_file()]
+    if held or others:
+        what = f"a pipeline or LoRA ({', '.join(held)})" if held else f"runs of {others} (_work/)"
+        writer = "a fine-tune" if own == ("finetune",) else "the training stages"
+        raise ValueError(f"--output-dir {out} already holds {what} that {writer} did not write: its files would be "
+                         "replaced; pick a new folder")
 
 
 def _with_max_steps(config: Any, max_steps: int) -> Any:
