@@ -468,6 +468,13 @@ def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys)
             train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path / "bad"), "--max-steps", bad])
         assert "--max-steps: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # run again finished, with other settings: skipped, naming this stage's changed ones and how to retrain
+    train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path), "--max-steps", "3", "--vae.optim.lr", "1e-5",
+                    "--decoder.optim.lr", "1e-5"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    out = capsys.readouterr().out
+    assert f"to train it again, use a new --output-dir or delete {tmp_path / '_work' / 'vae' / 'DONE'}" in out
+    assert "It was trained with other settings than these: vae.optim.lr: " in out and "decoder." not in out
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

@@ -88,9 +88,25 @@ class Stage:
             return False
         finished_for = self.finished_for()
         run = f"a run of max_steps {finished_for}" if finished_for is not None else "its run"
-        hint = f" (it finished {run}: to continue it, pass --resume latest and a larger max_steps)"
-        self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}")
+        hint = (f" (it finished {run}: to continue it, pass --resume latest and a larger max_steps; to train it "
+                f"again, use a new --output-dir or delete {self.work_dir / 'DONE'})")
+        shown = self._changes_since_record()
+        changed = f". It was trained with other settings than these: {shown}" if shown else ""
+        self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}{changed}")
         return True
+
+    def _changes_since_record(self) -> str:
+        """The settings (shared ones and this stage's section, under train_all) that differ from this stage's
+        record of the run that trained it (`_work/<stage>/config.yaml`, else OUTPUT_DIR/config.yaml); '' if none."""
+        own, shared = self.work_dir / "config.yaml", self.output_dir / "config.yaml"
+        earlier = own if own.is_file() else shared
+        new = config_to_yaml(self.config)
+        if not earlier.is_file() or earlier.read_text() == new:
+            return ""
+        others = tuple(f"{n}." for n in TRAINING_STAGES if n != self.name) \
+            if isinstance(self.config, ExperimentConfig) else ()  # (the other stages' sections)
+        # (a longer max_steps is how a finished run is continued: not worth a note)
+        return changes_note(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new), skip=others)
 
     def record_config(self, start: int = 0) -> None:
         """Write the resolved config to OUTPUT_DIR/config.yaml and to this stage's `_work/<stage>/config.yaml`
@@ -102,12 +118,8 @@ class Stage:
             return
         path, own = self.output_dir / "config.yaml", self.work_dir / "config.yaml"
         earlier = own if own.is_file() else path  # (runs from before the per-stage record compare the shared one)
-        new = config_to_yaml(self.config)
-        if start > 0 and earlier.is_file() and earlier.read_text() != new:
-            others = tuple(f"{n}." for n in ("clip", "vae", "prior", "decoder") if n != self.name) \
-                if isinstance(self.config, ExperimentConfig) else ()  # (the other stages' sections)
-            # (a longer max_steps is how a finished run is continued: not worth a note)
-            shown = changes_note(yaml.safe_load(earlier.read_text()) or {}, yaml.safe_load(new), skip=others)
+        if start > 0:
+            shown = self._changes_since_record()
             if shown:
                 kept = self.work_dir / f"config-before-step-{start}.yaml"
                 n = 1
