@@ -463,6 +463,11 @@ def test_max_steps_flag_is_the_stage_max_steps_and_is_recorded(tmp_path, capsys)
     AcceleratorState._reset_state(reset_partial_state=False)
     recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert {recorded[s]["optim"]["max_steps"] for s in ("clip", "vae", "prior", "decoder")} == {3}  # (train_all)
+    from training.loop import lr_factor
+
+    oc = load_config(MICRO, ["--vae.optim.max_steps", "3"]).vae.optim
+    logged = [(r["step"], r["lr"]) for r in metrics(tmp_path, "vae") if "lr" in r]
+    assert logged and all(lr == pytest.approx(oc.lr * lr_factor(step - 1, oc, 3)) for step, lr in logged), logged
     for bad in ("0", "-3"):
         with pytest.raises(SystemExit):
             train_vae.main(["--config", MICRO, "--output-dir", str(tmp_path / "bad"), "--max-steps", bad])

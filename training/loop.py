@@ -256,6 +256,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm))
             elif oc.max_grad_norm:
                 grad_norm = acc.clip_grad_norm_(wrapped.parameters(), oc.max_grad_norm)
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step trains with (logged below)
             # fp16: a step the gradient scaler skipped (inf/nan gradients) moves neither the schedule nor the EMA
             if not optimizer_step(optimizer, getattr(acc, "scaler", None)):
                 scheduler.step()
@@ -276,7 +277,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 values = torch.stack([v.to(acc.device) for v in logs.values()])
                 logs = dict(zip(logs, (acc.reduce(values, reduction="mean") if world > 1 else values).tolist()))
             if acc.is_main_process and logging_now:
-                record = {"step": done, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
+                record = {"step": done, "loss": total.item(), "lr": step_lr,
                           "samples_per_s": oc.batch_size * world * oc.grad_accum * (done - start)
                           / (time.perf_counter() - t0), **logs}
                 if grad_norm is not None:
