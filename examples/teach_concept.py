@@ -225,7 +225,7 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
     from latent_diffusion import TextToImagePipeline
     from latent_diffusion.cli import heldout_pairs, make_grid
     from latent_diffusion.evaluate import evaluate as evaluate_suite
-    from latent_diffusion.evaluate import prompt_suite
+    from latent_diffusion.evaluate import json_ready, prompt_suite
     from latent_diffusion.lora import load_lora, unload_lora
 
     tags = ([f"scale{lora_scale:g}"] if lora_scale != 1.0 and method == "lora" else []) + \
@@ -267,7 +267,7 @@ def evaluate(pipeline: str, out: Path, concept: Concept, seeds: int = 4, steps: 
         unload_lora(pipe)
     base_suite = results["suite"]["base"]
     results["suite"]["retention"] = results["suite"]["tuned"] / base_suite if base_suite else None
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.json").write_text(json.dumps(json_ready(results), indent=2, allow_nan=False) + "\n")
     lines = [f"| group | prompts | base pass | tuned pass | base {attribute} acc. | tuned {attribute} acc. |",
              "|---|---|---|---|---|---|"]
     for group, r in results["groups"].items():

@@ -19,6 +19,7 @@ prompt — an upper bound for the prior.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -325,8 +326,20 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) inside dicts and lists replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def save_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write results.json (strict JSON: a score that does not exist, NaN, is null) and results.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(json_ready(results), indent=2, allow_nan=False) + "\n")
     (out_dir / "results.md").write_text(to_markdown(results))
     return [out_dir / "results.json", out_dir / "results.md"]

@@ -112,3 +112,14 @@ def test_ablations_of_a_text_only_decoder(tmp_path):
     results = evaluate(pipe, prompt_suite(1, 0, ()), seeds=1, settings=(setting,), ablation_setting=setting,
                        prior_steps=2, progress=False)
     assert results["ablations"] == {} and results["samplers"]["DDIM 2"]["pass_rate"] >= 0
+
+
+def test_results_json_is_strict_json():
+    import json
+    import math
+
+    from latent_diffusion.evaluate import json_ready
+
+    results = {"reference": {"clip_score": math.nan, "rows": [1.0, math.inf], "n": 3}}
+    text = json.dumps(json_ready(results), allow_nan=False)  # what save_report writes
+    assert json.loads(text) == {"reference": {"clip_score": None, "rows": [1.0, None], "n": 3}}
