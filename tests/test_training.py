@@ -1129,7 +1129,7 @@ def test_a_resume_path_applies_to_the_stage_that_wrote_it(tmp_path):
     assert resolve_resume(stage) == Path(stage.resume)
 
 
-def test_a_text_only_decoder_keeps_the_image_encoder_for_evaluation(one_process_run, tmp_path):
+def test_a_text_only_decoder_keeps_the_image_encoder_for_evaluation(one_process_run, tmp_path, capsys):
     import shutil
 
     from accelerate.state import AcceleratorState
@@ -1141,6 +1141,7 @@ def test_a_text_only_decoder_keeps_the_image_encoder_for_evaluation(one_process_
     train_decoder.main(["--config", MICRO, "--output-dir", str(tmp_path / "text"), "--max-steps", "1",
                         "--prior", "null"])
     AcceleratorState._reset_state(reset_partial_state=False)
+    assert "decoder: note: optim.warmup_steps 1 >= max_steps 1: the whole run is warm-up" in capsys.readouterr().out
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "text")
     assert pipe.prior is None and pipe.image_encoder is not None  # `evaluate` scores with it
     with pytest.raises(ValueError, match="image variations need a decoder conditioned on CLIP image embeddings"):

@@ -206,6 +206,9 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
         apply_optim_config(stage, optimizer, scheduler, oc)
     set_aside_later_checkpoints(stage, start)
     stage.record_config(start)  # past every refusal: the run trains from here
+    if oc.warmup_steps >= stage.max_steps:
+        stage.print(f"{stage.name}: note: optim.warmup_steps {oc.warmup_steps} >= max_steps {stage.max_steps}: the "
+                    f"whole run is warm-up, and the learning rate never reaches optim.lr (lower warmup_steps)")
     if acc.is_main_process:  # what this run used, beside the resolved config (whose mixed_precision may be null)
         with open(stage.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"run": {"start_step": start, "mixed_precision": acc.mixed_precision,
