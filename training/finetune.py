@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import gather_object
 from torch import nn
 
 from latent_diffusion.diffusion import NoiseSchedule, diffusion_loss
@@ -412,24 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     final = fit(stage, model, dataset, loss_fn, oc, validate=validate if cfg.validation_images else None,
                 params=trainable)
 
-    # Each process counts the unreadable images it met (the same file may be met by several).
-    per_process = gather_object([getattr(dataset, "skipped", 0)])
-    skipped = max(per_process)
     if acc.is_main_process:
-        record = {"skipped_images": skipped, "dataset_size": len(dataset)}
-        if len(per_process) > 1:
-            record["skipped_per_process"] = per_process
-        with open(stage.work_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         if cfg.method == "lora":
             save_lora(out, {name: final.get_submodule(name) for name in names}, base_pipeline=str(cfg.pipeline),
                       extra={"method": "lora", "steps": stage.max_steps, "validation_prompts": prompts})
         else:
             pipe.save_pretrained(out)
-    if skipped:
-        at_least = "at least " if len(per_process) > 1 else ""
-        stage.print(f"finetune: skipped {at_least}{skipped} unreadable image(s) of {len(dataset)} (see the warnings "
-                    "above)")
     stage.mark_done()
     acc.wait_for_everyone()
     what = "LoRA" if cfg.method == "lora" else "pipeline"

@@ -324,7 +324,30 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     final.eval()
     if validate is not None:  # (under --fsdp the main process validates its unsharded copy; the others wait)
         _run_validation(stage, final if stage.fsdp else wrapped, None, validate, end, metrics_path)
+    _report_skipped(stage, dataset, metrics_path)
     return final
+
+
+def _report_skipped(stage: Stage, dataset: Dataset, metrics_path: Path) -> None:
+    """Log, and say, how many unreadable images the run skipped (datasets that count them: your own images).
+    Each process counts those it met (the same file may be met by several): the largest count is a lower bound."""
+    from accelerate.utils import gather_object
+
+    acc = stage.accelerator
+    per_process = gather_object([getattr(dataset, "skipped", 0)]) if acc.num_processes > 1 else \
+        [getattr(dataset, "skipped", 0)]
+    skipped = max(per_process)
+    if not acc.is_main_process or not hasattr(dataset, "skipped"):
+        return
+    record = {"skipped_images": skipped, "dataset_size": len(dataset)}
+    if len(per_process) > 1:
+        record["skipped_per_process"] = per_process
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if skipped:
+        at_least = "at least " if len(per_process) > 1 else ""
+        stage.print(f"{stage.name}: skipped {at_least}{skipped} unreadable image(s) of {len(dataset)} (see the "
+                    "warnings above)")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> bool:
