@@ -27,8 +27,9 @@ SCHEDULE_FILE = "schedule.json"
 
 
 def build_dataset(cfg: DataConfig, seed: int, heldout: bool = False) -> Dataset:
-    """The training set described by `cfg`. `heldout` gives a disjoint evaluation set for synthetic sources
-    (another seed) and the same set for user data."""
+    """The training set described by `cfg`. `heldout` gives a disjoint evaluation set for shapes (scenes from
+    another seed) and the same set for emoji and user data, whose held-out metrics are therefore training-set
+    figures."""
     if cfg.source == "shapes":
         from latent_diffusion.data.shapes import ShapesDataset
 

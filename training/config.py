@@ -73,7 +73,7 @@ class OptimConfig:
 class DataConfig:
     """The training images and captions (`source`), shared by every stage."""
     source: Literal["shapes", "emoji", "image_text"] = "shapes"
-    num_samples: int = 20000  # synthetic sources: size of the (deterministic) training set
+    num_samples: int = 20000  # shapes: size of the (deterministic) training set (emoji and own data: all of it)
     image_size: int = 64
     exclude_pairs: tuple[str, ...] = ()  # shapes: "colour shape" pairs never shown in training
     dataset_name: str | None = None  # image_text: a hub name / parquet / csv / json path
