@@ -185,7 +185,8 @@ def train(pipeline: str, out: Path, concept: Concept, accelerate_args: str, extr
     cmd = [str(launcher) if launcher.is_file() else "accelerate", "launch", *shlex.split(accelerate_args),
            "-m", "training.finetune",
            "--pipeline", pipeline, "--train-data-dir", str(out / "data"), "--method", method,
-           "--components", "decoder,prior", *lora, "--max-steps", "2000",
+           "--components", "decoder,prior", *lora,
+           *([] if any(a.split("=")[0].endswith("max_steps") for a in extra) else ["--max-steps", "2000"]),
            "--batch-size", "16", "--learning-rate", "1e-4", *prompts,
            "--output-dir", str(out / method), *extra]  # later flags win: `extra` overrides the defaults above
     print("+", shlex.join(cmd), flush=True)

@@ -627,8 +627,8 @@ def test_an_output_folder_a_fine_tune_did_not_write_is_refused(tiny_pipeline_dir
     before = (other / "decoder" / "model.safetensors").read_bytes()
     args = ("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1", *FAST)
     for method in ("lora", "full"):
-        with pytest.raises(ValueError, match=r"already holds a pipeline or LoRA \(model_index.json\) that a "
-                                             "fine-tune did not write: its files would be replaced; pick a new folder"):
+        with pytest.raises(ValueError, match=r"already holds a pipeline or LoRA \(model_index.json\) with no "
+                                             "training record of a fine-tune here"):
             run_in_process(*args, "--method", method, "--output-dir", str(other))
     assert (other / "decoder" / "model.safetensors").read_bytes() == before and not (other / "_work").exists()
     runs = tmp_path / "runs"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,10 @@ def test_resume_takes_this_runs_lr_and_sets_later_checkpoints_aside(tmp_path, ca
     with pytest.raises(ValueError, match="stale-checkpoint-4 is at step 4, past max_steps 3: there is nothing to "
                                          "train; pass --max-steps 4 or more"):
         train_vae.main([*common, "--max-steps", "3", "--resume", str(work / "stale-checkpoint-4")])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    kept = shutil.copytree(work / "stale-checkpoint-4", tmp_path / "keep" / "best")  # any folder name: its state
+    with pytest.raises(ValueError, match="best is at step 4, past max_steps 3"):
+        train_vae.main([*common, "--max-steps", "3", "--resume", str(kept)])
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
@@ -1159,8 +1164,8 @@ def test_a_stage_refuses_a_folder_it_would_overwrite_and_settings_that_cannot_ap
 
     saved = shutil.copytree(tiny_pipeline_dir, tmp_path / "saved")  # written by save_pretrained: no _work/
     cases = [
-        (["--output-dir", str(saved)], r"already holds a pipeline or LoRA \(model_index.json\) that the training "
-                                       "stages did not write"),
+        (["--output-dir", str(saved)], r"already holds a pipeline or LoRA \(model_index.json\) with no training "
+                                       r"record of the training stages here .* move its vae/ aside first"),
         (["--output-dir", str(tmp_path / "a"), "--vae.optim.mixed_precision", "fp16"],
          r"vae: optim.mixed_precision fp16 \(the config or the command line\) needs a GPU"),
         (["--output-dir", str(tmp_path / "b"), "--max-steps", "3", "--vae.optim.max_steps=5"],
@@ -1173,3 +1178,7 @@ def test_a_stage_refuses_a_folder_it_would_overwrite_and_settings_that_cannot_ap
         finally:
             AcceleratorState._reset_state(reset_partial_state=False)
     assert not (saved / "_work").exists() and not (tmp_path / "a").exists()
+    (saved / "vae").rename(tmp_path / "vae-aside")  # the slot cleared: a new VAE trains into the pipeline
+    train_vae.main(["--config", MICRO, "--output-dir", str(saved), "--max-steps", "1"])
+    AcceleratorState._reset_state(reset_partial_state=False)
+    assert (saved / "vae" / "model.safetensors").is_file() and (saved / "_work" / "vae" / "DONE").is_file()

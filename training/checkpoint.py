@@ -34,6 +34,11 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The step a checkpoint holds, from its `trainer_state.json` (any folder name: a copy kept as `best/`)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+
+
 def checkpoint_step(path: Path) -> int:
     """N of a `checkpoint-N` folder (also once set aside as `stale-checkpoint-N[-time]`)."""
     found = re.search(r"checkpoint-(\d+)", path.name)

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from latent_diffusion import speed
 from training import sharding
 from training.checkpoint import (
-    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    saved_step,
     set_aside_later_checkpoints,
 )
 from training.config import OptimConfig, close_process_group
@@ -197,10 +197,10 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     start = 0
     checkpoint = resolve_resume(stage)
     if checkpoint is not None:
-        if checkpoint_step(checkpoint) > stage.max_steps:  # resuming cannot shorten a run
-            raise ValueError(f"{stage.name}: {checkpoint} is at step {checkpoint_step(checkpoint)}, past max_steps "
-                             f"{stage.max_steps}: there is nothing to train; pass --max-steps "
-                             f"{checkpoint_step(checkpoint)} or more to continue it")
+        at = saved_step(checkpoint)
+        if at > stage.max_steps:  # resuming cannot shorten a run
+            raise ValueError(f"{stage.name}: {checkpoint} is at step {at}, past max_steps {stage.max_steps}: there "
+                             f"is nothing to train; pass --max-steps {at} or more to continue it")
         start = load_checkpoint(stage, checkpoint, wrapped, optimizer, scheduler, ema)
         stage.print(f"resumed from {checkpoint} at step {start}")
         apply_optim_config(stage, optimizer, scheduler, oc)
@@ -208,7 +208,8 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     stage.record_config(start)  # past every refusal: the run trains from here
     if oc.warmup_steps >= stage.max_steps:
         stage.print(f"{stage.name}: note: optim.warmup_steps {oc.warmup_steps} >= max_steps {stage.max_steps}: the "
-                    f"whole run is warm-up, and the learning rate never reaches optim.lr (lower warmup_steps)")
+                    "whole run is warm-up (the learning rate reaches optim.lr at the last step at best, and never "
+                    "decays); lower warmup_steps")
     if acc.is_main_process:  # what this run used, beside the resolved config (whose mixed_precision may be null)
         with open(stage.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"run": {"start_step": start, "mixed_precision": acc.mixed_precision,

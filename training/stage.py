@@ -34,6 +34,7 @@ from training.config import (
 )
 
 TRAINING_STAGES = ("clip", "vae", "prior", "decoder")  # the stages that build one pipeline folder together
+STAGE_OUTPUT = {"clip": "text_encoder", "vae": "vae", "prior": "prior", "decoder": "decoder"}  # what each writes
 
 
 @dataclass
@@ -213,14 +214,15 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     check_distributed_type(accelerator.distributed_type)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate has no fp16 autocast on the CPU: the run would be fp32 (or meet fp16 frozen weights, finetune)
-        configured = "--mixed-precision fp16" if name == "finetune" else \
+        configured = "--mixed-precision fp16 (or the config's optim.mixed_precision)" if name == "finetune" else \
             "optim.mixed_precision fp16 (the config or the command line)"
         source = configured if oc.mixed_precision == "fp16" else \
             "mixed precision fp16 (from the launcher: accelerate launch --mixed_precision, or its config)"
         raise ValueError(f"{name}: {source} needs a GPU; on a CPU use bf16 (or no)")
     set_seed(config.seed)
     output_dir = Path(args.output_dir)
-    refuse_foreign_output(output_dir, ("finetune",) if name == "finetune" else TRAINING_STAGES)
+    refuse_foreign_output(output_dir, ("finetune",) if name == "finetune" else TRAINING_STAGES,
+                          None if name == "finetune" else STAGE_OUTPUT[name])
     work_dir = output_dir / "_work" / name
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -235,20 +237,24 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     return Stage(name, config, accelerator, output_dir, work_dir, oc.max_steps, args.resume, fsdp)
 
 
-def refuse_foreign_output(out: Path, own: tuple[str, ...]) -> None:
-    """Refuse an output folder that holds a pipeline, a LoRA or runs that none of the stages `own` wrote there
-    (converted, saved, copied or fine-tuned): its weights and config.yaml would be replaced. A folder these stages
-    are writing (resumed, or finished and skipped) is fine, and so is one of component folders copied in to start
-    from (no model_index.json)."""
+def refuse_foreign_output(out: Path, own: tuple[str, ...], component: str | None = None) -> None:
+    """Refuse an output folder that holds a pipeline, a LoRA or runs with no training record here from the stages
+    `own` (converted, saved, copied or fine-tuned): its weights and config.yaml would be replaced. Fine: a folder
+    these stages are writing (resumed, or finished and skipped); one of component folders copied in to start from
+    (no model_index.json); a pipeline whose `component` (the stage's output) was moved aside to train a new one."""
     if any((out / "_work" / stage).is_dir() for stage in own):
         return
     others = sorted(p.name for p in (out / "_work").iterdir()) if (out / "_work").is_dir() else []
     held = [name for name in ("model_index.json", "lora_index.json") if (out / name).is_file()]
+    if component is not None and "lora_index.json" not in held and not others and not (out / component).exists():
+        return
     if held or others:
         what = f"a pipeline or LoRA ({', '.join(held)})" if held else f"runs of {others} (_work/)"
         writer = "a fine-tune" if own == ("finetune",) else "the training stages"
-        raise ValueError(f"--output-dir {out} already holds {what} that {writer} did not write: its files would be "
-                         "replaced; pick a new folder")
+        slot = f"; to train a new {component}/ into this pipeline, move its {component}/ aside first" \
+            if component is not None and held == ["model_index.json"] and not others else ""
+        raise ValueError(f"--output-dir {out} already holds {what} with no training record of {writer} here "
+                         f"(_work/): its files would be replaced; pick a new folder{slot}")
 
 
 def _with_max_steps(config: Any, max_steps: int) -> Any:
