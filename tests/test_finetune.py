@@ -576,7 +576,8 @@ def test_unreadable_images_with_workers_end_in_one_error_line(tiny_pipeline_dir,
 
 def test_fp16_on_a_cpu_is_refused_before_any_model_loads(tiny_pipeline_dir, imagefolder, tmp_path):
     """Accelerate has no CPU fp16 autocast: the fp16 frozen weights met fp32 activations in the first validation."""
-    with pytest.raises(ValueError, match="fp16 needs a GPU; on a CPU use bf16"):
+    with pytest.raises(ValueError, match=r"--mixed-precision fp16 \(or the config.s optim.mixed_precision\) "
+                                         "needs a GPU; on a CPU use bf16"):
         run_in_process("--pipeline", str(tiny_pipeline_dir), "--train-data-dir", str(imagefolder), "--max-steps", "1",
                        "--mixed-precision", "fp16", "--output-dir", str(tmp_path), *FAST)
 
