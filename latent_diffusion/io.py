@@ -116,10 +116,10 @@ def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return f"one of {list(args)}"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list ([...]) of {_type_name(args[0])}"
     if origin is tuple:
-        inner = _type_name(args[0]) if len(args) == 2 and args[1] is Ellipsis else \
-            ", ".join(map(_type_name, args)) if args else "values"
-        return f"a list ([...]) of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list [{inner}]"
+        return f"a list [{', '.join(map(_type_name, args)) if args else 'values'}]"
     return getattr(hint, "__name__", str(hint))
 
 

@@ -385,8 +385,7 @@ class TextToImagePipeline(ImageTasks):
 
         # the sampler's state stays float32 whatever the model's dtype (see `Denoiser`)
         x = _randn((len(generators), prior.config.embed_dim), generators, self.device, torch.float32) * init
-        final_draw = _final_draw(sampler, denoise, sigmas)
-        x = _run_sampler(sampler, guided, x, sigmas, generators, "prior", progress, final_draw=final_draw)
+        x = _run_sampler(sampler, guided, x, sigmas, generators, "prior", progress, schedule=denoise.schedule)
         return prior.denormalize(_vp_sample(x, sigmas)).to(self.dtype)
 
     @torch.no_grad()
@@ -448,7 +447,7 @@ class TextToImagePipeline(ImageTasks):
         else:
             x = latents.to(self.device, torch.float32) * init
         x = _run_sampler(sampler, guided, x, sigmas, generators, "decoder", progress, callback,
-                         final_draw=_final_draw(sampler, denoise, sigmas))
+                         schedule=denoise.schedule)
         return _vp_sample(x, sigmas)
 
     @contextmanager
@@ -629,17 +628,13 @@ class TextToImagePipeline(ImageTasks):
                 return scale
         return guidance_scale
 
-def _final_draw(sampler: str, denoise: Denoiser, sigmas: torch.Tensor) -> bool:
-    """Whether DDPM's last step draws noise (it adds none): diffusers' DDPM draws at every timestep > 0, and the
-    walk's last timestep is > 0 with trailing spacing or a steps_offset. Keeps the generators in step with
-    diffusers' for what they draw next."""
-    return sampler == "ddpm" and float(denoise.schedule.sigma_to_t(sigmas[-2:-1].double().cpu())) > 0.5
-
-
 def _run_sampler(name: str, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor, generators: list[torch.Generator],
-                 label: str, progress: bool, callback: Any = None, final_draw: bool = False) -> torch.Tensor:
+                 label: str, progress: bool, callback: Any = None,
+                 schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """`get_sampler(name)(denoiser, x, sigmas, ...)` with a progress bar labelled `label` ("prior", "decoder")
-    when `progress`; `callback` still sees every step. `final_draw` goes to DDPM (see `_final_draw`)."""
+    when `progress`; `callback` still sees every step. DDPM's last step draws (and adds no noise) when the walk's
+    last timestep on `schedule` is > 0 (trailing spacing, a steps_offset), as diffusers' DDPM draws at every
+    timestep > 0: the generators stay in step with diffusers' for what they draw next."""
     bar = tqdm(total=len(sigmas) - 1, desc=label, unit="step", disable=not progress)
 
     def step(info: dict[str, Any]) -> None:
@@ -648,7 +643,8 @@ def _run_sampler(name: str, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor
             callback(info)
 
     try:
-        extra = {"final_draw": True} if final_draw else {}
+        last_t = float(schedule.sigma_to_t(sigmas[-2:-1].double().cpu())) if schedule is not None else 0.0
+        extra = {"final_draw": True} if name == "ddpm" and last_t > 0.5 else {}
         return get_sampler(name)(denoiser, x, sigmas, generator=generators, callback=step, **extra)
     finally:
         bar.close()

@@ -28,9 +28,8 @@ REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "decoder", "vae")
 def save_pipeline(pipe: TextToImagePipeline, folder: str | Path, dtype: torch.dtype | str | None = None,
                   components: str | list[str] | None = None) -> None:
     """Write `pipe` as a pipeline folder; `dtype` casts the floating-point weights (torch.float16 or "float16"
-    halves them).
-    `components` (names, or one name) writes only those (plus `model_index.json`), leaving the others' files
-    untouched."""
+    halves them). `components` (names, or one name) writes only those (plus `model_index.json`), leaving the others'
+    files untouched."""
     from transformers.utils import logging as hf_logging
 
     from latent_diffusion.lora import lora_components

@@ -361,13 +361,13 @@ def apply_speed(model: nn.Module, *, channels_last: bool = False, fuse: bool = F
 
         known = {"types"} | set(inspect.signature(torch.compile).parameters) - {"model"}
         unknown = sorted(set(compile_kwargs) - known)
-        if unknown or not compile:
+        if unknown:
             switches = ["channels_last", "fuse", "onednn", "upsample", "compile", "attention_backend"]
-            what = (f"unknown speed switch(es) {unknown}; the switches are {switches}, and with compile=True "
-                    f"torch.compile's options {sorted(known)}") if unknown else \
-                f"{sorted(compile_kwargs)}: options of the compilation (compile_blocks' types, torch.compile's " \
-                "others), which apply with compile=True only"
-            raise ValueError(what)
+            raise ValueError(f"unknown speed switch(es) {unknown}; the switches are {switches}, and with "
+                             f"compile=True torch.compile's options {sorted(known)}")
+        if not compile:
+            raise ValueError(f"{sorted(compile_kwargs)}: options of the compilation (compile_blocks' types, "
+                             "torch.compile's others), which apply with compile=True only")
     if attention_backend is not None:
         set_attention_backend(model, attention_backend)
     if fuse:

@@ -335,8 +335,7 @@ def _report_skipped(stage: Stage, dataset: Dataset, metrics_path: Path) -> None:
     from accelerate.utils import gather_object
 
     acc = stage.accelerator
-    per_process = gather_object([getattr(dataset, "skipped", 0)]) if acc.num_processes > 1 else \
-        [getattr(dataset, "skipped", 0)]
+    per_process = gather_object([getattr(dataset, "skipped", 0)])  # (one process: the list itself)
     skipped = max(per_process)
     if not acc.is_main_process or not hasattr(dataset, "skipped"):
         return

@@ -96,11 +96,16 @@ class Stage:
         self.print(f"{self.name}: finished output exists in {self.output_dir}; skipping{hint}{changed}")
         return True
 
+    def _record(self) -> Path:
+        """This stage's config record, `_work/<stage>/config.yaml`; for runs from before per-stage records, the
+        shared OUTPUT_DIR/config.yaml."""
+        own = self.work_dir / "config.yaml"
+        return own if own.is_file() else self.output_dir / "config.yaml"
+
     def _changes_since_record(self) -> str:
         """The settings (shared ones and this stage's section, under train_all) that differ from this stage's
         record of the run that trained it (`_work/<stage>/config.yaml`, else OUTPUT_DIR/config.yaml); '' if none."""
-        own, shared = self.work_dir / "config.yaml", self.output_dir / "config.yaml"
-        earlier = own if own.is_file() else shared
+        earlier = self._record()
         new = config_to_yaml(self.config)
         if not earlier.is_file() or earlier.read_text() == new:
             return ""
@@ -117,8 +122,7 @@ class Stage:
         and keeps the earlier record as `_work/<stage>/config-before-step-<start>.yaml`."""
         if not self.is_main:
             return
-        path, own = self.output_dir / "config.yaml", self.work_dir / "config.yaml"
-        earlier = own if own.is_file() else path  # (runs from before the per-stage record compare the shared one)
+        earlier = self._record()
         if start > 0:
             shown = self._changes_since_record()
             if shown:
@@ -130,8 +134,8 @@ class Stage:
                 shutil.copyfile(earlier, kept)
                 self.print(f"{self.name}: resuming at step {start} with other settings than the run so far: {shown} "
                            f"(its config is kept as {kept})")
-        save_config(self.config, path)
-        save_config(self.config, own)
+        save_config(self.config, self.output_dir / "config.yaml")
+        save_config(self.config, self.work_dir / "config.yaml")
 
     def mark_done(self) -> None:
         """Write the DONE marker; then, if a signal came during the last steps (the stage finished all the same),
