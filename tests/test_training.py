@@ -941,6 +941,30 @@ def test_mixed_precision_comes_from_the_config_else_the_launcher(tmp_path, monke
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def test_every_process_checks_the_output_folder_before_the_main_one_writes(tmp_path, monkeypatch):
+    """The output-folder check reads `_work/`: the main process creates `_work/<stage>` only past a barrier after the
+    check, so a slower process never finds it half-made (it refused its own run's folder)."""
+    import argparse
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import training.stage as stage_module
+
+    events = []
+    check = stage_module.refuse_foreign_output
+    monkeypatch.setattr(stage_module, "refuse_foreign_output", lambda *a, **k: (events.append("check"), check(*a, **k)))
+    monkeypatch.setattr(Accelerator, "wait_for_everyone",
+                        lambda self: events.append(f"barrier, _work made: {(tmp_path / '_work').exists()}"))
+    args = argparse.Namespace(config=MICRO, output_dir=str(tmp_path), max_steps=None, resume=None, fsdp=False)
+    try:
+        stage_module.setup_stage("vae", args, [], lambda c: c.vae.optim, cpu=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert events[:2] == ["check", "barrier, _work made: False"]
+    assert (tmp_path / "_work" / "vae").is_dir()
+
+
 def test_feature_cache_key_separates_text_only_runs(tmp_path):
     """A text-only run caches no image embeddings, so its cache must not serve a run with a prior (and back)."""
     import dataclasses

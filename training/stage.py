@@ -227,6 +227,7 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     output_dir = Path(args.output_dir)
     refuse_foreign_output(output_dir, ("finetune",) if name == "finetune" else TRAINING_STAGES,
                           None if name == "finetune" else STAGE_OUTPUT[name])
+    accelerator.wait_for_everyone()  # every process has looked before the main one creates _work/<name>
     work_dir = output_dir / "_work" / name
     if accelerator.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
