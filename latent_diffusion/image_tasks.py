@@ -7,16 +7,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from latent_diffusion.checks import IMAGE_SUFFIXES, check_count, check_fraction, check_scale, is_int, prompt_list
-
-if TYPE_CHECKING:
-    from latent_diffusion.pipeline import Generators, OutputType, PipelineOutput
+from latent_diffusion.pipeline_config import Generators, OutputType, PipelineOutput
 
 
 class ImageTasks:
@@ -103,7 +101,7 @@ class ImageTasks:
         gens = [torch.Generator().manual_seed(seed) for _ in range(num_steps)]
         x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
                                 progress=progress, image_guidance_scale=image_guidance_scale)
-        return _output(self.decode_latents(x, output_type), embeds)
+        return PipelineOutput(self.decode_latents(x, output_type), embeds)
 
     @torch.no_grad()
     def img2img(self, image: Any, prompt: str | list[str], strength: float = 0.6, num_inference_steps: int = 25,
@@ -141,12 +139,12 @@ class ImageTasks:
         # floor, as SDEdit's implementations do: any strength below 1 keeps something of the image
         start = num_inference_steps - int(num_inference_steps * strength)
         if start >= num_inference_steps:
-            return _output(self.decode_latents(latents, output_type), embeds)
+            return PipelineOutput(self.decode_latents(latents, output_type), embeds)
         # strength 1 starts from pure noise: the image is ignored.
         x = self.sample_latents(text, uncond, embeds, gens, shape, num_inference_steps, guidance_scale, sampler,
                                 latents=latents if start > 0 else None, start=start, progress=progress,
                                 image_guidance_scale=image_guidance_scale)
-        return _output(self.decode_latents(x, output_type), embeds)
+        return PipelineOutput(self.decode_latents(x, output_type), embeds)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -195,9 +193,3 @@ def images_to_tensor(images: Any, device: torch.device, dtype: torch.dtype) -> t
     if t.shape[1] != 3:
         raise ValueError(f"images must have 3 channels, got shape {tuple(t.shape)}")
     return t.to(device=device, dtype=dtype)
-
-
-def _output(images: Any, image_embeds: torch.Tensor | None) -> PipelineOutput:
-    from latent_diffusion.pipeline import PipelineOutput  # (pipeline.py imports this module)
-
-    return PipelineOutput(images, image_embeds)

@@ -16,6 +16,7 @@ import torch
 from latent_diffusion.checks import float_dtype
 from latent_diffusion.io import config_from_dict, config_to_dict, find_weights, read_json, save_json
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet
+from latent_diffusion.pipeline_config import PipelineConfig
 
 if TYPE_CHECKING:
     from latent_diffusion.pipeline import TextToImagePipeline
@@ -79,8 +80,6 @@ def load_pipeline(cls: type[TextToImagePipeline], folder: str | Path,
     in half precision are upcast). Refuses a diffusers folder with the way to load it."""
     from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
-
-    from latent_diffusion.pipeline import PipelineConfig
 
     hf_logging.disable_progress_bar()
 
