@@ -231,6 +231,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
     # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
     with Interrupt(stage.name) as interrupt, _workers_stopped_on_error(batches):
+        should_stop = StopVote(acc, deadline, interrupt)
         for step in range(start, stage.max_steps):
             logs: dict[str, torch.Tensor] = {}
             total = torch.zeros((), device=acc.device)
@@ -269,7 +270,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             done = step + 1
-            late, interrupted = stop_flags(acc, deadline, interrupt, done) if done < stage.max_steps else (False, False)
+            late, interrupted = should_stop() if done < stage.max_steps else (False, False)
             if late:
                 end = done
             saving = bool(oc.checkpoint_every) and done % oc.checkpoint_every == 0 and done < stage.max_steps
@@ -304,6 +305,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
                 last_good = save_checkpoint(stage, done, oc.checkpoint_limit, ema, wrapped, optimizer, scheduler)
             if validate is not None and oc.validate_every and done % oc.validate_every == 0 and done < stage.max_steps:
                 _run_validation(stage, wrapped, ema, validate, done, metrics_path, sharded=stage.fsdp)
+        should_stop.close()
     _shutdown_workers(batches)  # done with the data: no idle workers through the final save and validation
     stage.pending_signal = interrupt.signal_name  # (met past the last check: the stage finishes, then stops)
     bar.close()
@@ -362,10 +364,14 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> bool
 class Interrupt:
     """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) do not kill training: the loop writes a
     checkpoint at the next step boundary and stops, so `--resume latest` loses nothing. A second signal stops at
-    once. Handlers can only be set from the main thread; elsewhere this does nothing."""
+    once, unless it is the same signal within `repeat_s` seconds: the copy a launcher passes on of a signal the
+    process got itself as well (SLURM's scancel signals every process of the job). Handlers can only be set from
+    the main thread; elsewhere this does nothing."""
+
+    repeat_s = 1.0
 
     def __init__(self, name: str):
-        self.name, self.signal_name, self._previous = name, None, {}
+        self.name, self.signal_name, self._previous, self._at = name, None, {}, 0.0
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
@@ -378,10 +384,13 @@ class Interrupt:
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.signal_name is not None:
+            if name == self.signal_name and time.monotonic() - self._at < self.repeat_s:
+                return  # the same stop request, delivered twice
             self.__exit__()
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name, self._at = name, time.monotonic()
         print(f"\n{self.name}: {self.signal_name}: stopping with a checkpoint after this step (again to stop now)",
               flush=True)
 
@@ -393,18 +402,44 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def stop_flags(acc: Accelerator, deadline: float | None, interrupt: Interrupt, step: int,
-               every: int = 10) -> tuple[bool, bool]:
-    """(past `deadline`, interrupted) on any process. With several processes they agree through one small
-    all-reduce (so that all stop at one step), made every `every` steps only: it makes the host wait for the
-    device."""
-    local = (deadline is not None and time.perf_counter() > deadline, interrupt.signal_name is not None)
-    if acc.num_processes == 1:
-        return local
-    if step % every:
-        return False, False
-    flags = acc.reduce(torch.tensor([float(f) for f in local], device=acc.device), reduction="sum") > 0
-    return bool(flags[0]), bool(flags[1])
+class StopVote:
+    """Whether to stop at this step (past `deadline`, interrupted), agreed by every process so that all stop at one
+    step. With several processes each step starts an asynchronous all-reduce of the local flags over a CPU (gloo)
+    group and reads the one started the step before: the processes act one step after a signal or the deadline,
+    and neither the host nor the device waits for the other. (A stop must come quickly: the launcher kills the
+    processes `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s by default, after it passes a signal on.)"""
+
+    def __init__(self, acc: Accelerator, deadline: float | None, interrupt: Interrupt):
+        import torch.distributed as dist
+
+        self.deadline, self.interrupt, self.pending = deadline, interrupt, None
+        self.group = dist.new_group(backend="gloo") if acc.num_processes > 1 else None
+        self.flags = torch.zeros(2)
+
+    def __call__(self) -> tuple[bool, bool]:
+        """(late, interrupted): this process's own with one process; else every process's of the step before,
+        combined (nothing is left in flight once they say stop)."""
+        import torch.distributed as dist
+
+        local = (self.deadline is not None and time.perf_counter() > self.deadline,
+                 self.interrupt.signal_name is not None)
+        if self.group is None:
+            return local
+        agreed = (False, False)
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = (bool(self.flags[0] > 0), bool(self.flags[1] > 0))
+            self.pending = None
+        if not any(agreed):
+            self.flags = torch.tensor([float(f) for f in local])
+            self.pending = dist.all_reduce(self.flags, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the all-reduce still in flight (every process calls this at the same step)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
 
 
 @contextmanager
@@ -435,7 +470,7 @@ def _stop_interrupted(stage: Stage, interrupt: Interrupt, done: int, start: int,
         stage.print(f"{stage.name}: interrupted ({interrupt.signal_name}) at step {done}: wrote {path}; "
                     "`--resume latest` continues from it")
     code = 128 + getattr(signal, interrupt.signal_name or "SIGINT")
-    close_process_group()  # every process stops at this step together (`stop_flags`)
+    close_process_group()  # every process stops at this step together (`StopVote`)
     raise SystemExit(code)
 
 
