@@ -523,41 +523,51 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes(tmp_path, sig):
     assert (out / "vae" / "model.safetensors").is_file()
 
 
-def test_a_repeated_signal_counts_once_and_a_later_one_stops_at_once():
-    """A launcher passes on the signal a scheduler also sent to the training processes: the copy that arrives at
-    once is the same request (it stopped the run with no checkpoint); another signal, or the same one later, is
-    "stop now"."""
+def test_a_repeated_signal_counts_once_and_a_later_one_stops_at_once(monkeypatch):
+    """A launcher passes on the signal a scheduler also sent to the training processes: the copy is the same
+    request (it stopped the run with no checkpoint), whether it comes at once or is handled late, before the loop
+    noticed the first; another signal, or the same one later, is "stop now"."""
     import signal
 
     from training.loop import Interrupt
 
-    for second, wait in (("SIGINT", 0.0), ("SIGTERM", 2 * Interrupt.repeat_s)):
+    monkeypatch.setattr(Interrupt, "repeat_s", 60.0)
+    # (the same signal again: seconds after the first?, noticed by the loop in between?, a copy?)
+    for late, noticed, copy in ((False, False, True), (True, False, True), (False, True, True), (True, True, False)):
         with Interrupt("t") as interrupt:
             signal.raise_signal(signal.SIGTERM)
-            signal.raise_signal(signal.SIGTERM)  # the launcher's copy
-            assert interrupt.signal_name == "SIGTERM"
-            interrupt._at -= wait
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(getattr(signal, second))
+            interrupt._at -= 2 * Interrupt.repeat_s if late else 0
+            interrupt.noticed = noticed
+            if copy:
+                try:
+                    signal.raise_signal(signal.SIGTERM)
+                except KeyboardInterrupt:
+                    pytest.fail(f"a copy of the first signal (late {late}, noticed {noticed}) stopped at once")
+                assert interrupt.signal_name == "SIGTERM"
+                with pytest.raises(KeyboardInterrupt):  # another signal
+                    signal.raise_signal(signal.SIGINT)
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_processes_agree_to_stop_at_the_step_after_a_signal_or_the_deadline(tmp_path):
     """With several processes the stop flags are combined every step (a launcher kills the processes 30 s after
     it passes a signal on, so a check every few steps could miss it): a signal on one process, or the deadline on
-    another, stops all of them at the next step."""
+    another, stops all of them at the next step; a process that got no signal takes the other's."""
     script = tmp_path / "vote.py"
     script.write_text(f'''
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from types import SimpleNamespace
-import torch.distributed as dist
+import torch, torch.distributed as dist
 from training.loop import StopVote
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=rank, world_size=2)
 for event in ("signal", "deadline"):
     interrupt = SimpleNamespace(signal_name=None)
-    vote = StopVote(SimpleNamespace(num_processes=2), None, interrupt)
+    vote = StopVote(SimpleNamespace(num_processes=2, device=torch.device("cpu")), None, interrupt)
     for step in range(1, 20):
         if step == 5 and rank == (1 if event == "signal" else 0):
             interrupt.signal_name = "SIGTERM"
@@ -565,7 +575,7 @@ for event in ("signal", "deadline"):
                 interrupt.signal_name, vote.deadline = None, time.perf_counter() - 1
         late, interrupted = vote()
         if late or interrupted:
-            print(event, step, late, interrupted, flush=True)
+            print(event, step, late, interrupted, interrupt.signal_name, flush=True)
             break
     vote.close()
 dist.destroy_process_group()
@@ -575,7 +585,7 @@ dist.destroy_process_group()
     outputs = [p.communicate(timeout=120) for p in ranks]
     assert all(p.returncode == 0 for p in ranks), [err[-2000:] for _, err in outputs]
     for out, _ in outputs:
-        assert out.splitlines() == ["signal 6 False True", "deadline 6 True False"]
+        assert out.splitlines() == ["signal 6 False True SIGTERM", "deadline 6 True False None"]
 
 
 def test_the_pipeline_records_the_schedule_the_prior_was_trained_with(one_process_run, tmp_path):

@@ -229,7 +229,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     bad_step = torch.full((), -1, device=acc.device)
     deadline = t0 + 60 * oc.max_minutes if oc.max_minutes else None
     end = stage.max_steps  # where the loop stops: max_steps, or earlier once the time limit is reached
-    # SIGINT / SIGTERM: checkpoint at the next step boundary, stop
+    # SIGINT / SIGTERM: checkpoint at the next step boundary (with several processes, the one after: StopVote), stop
     with Interrupt(stage.name) as interrupt, _workers_stopped_on_error(batches):
         should_stop = StopVote(acc, deadline, interrupt)
         for step in range(start, stage.max_steps):
@@ -364,14 +364,16 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> bool
 class Interrupt:
     """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) do not kill training: the loop writes a
     checkpoint at the next step boundary and stops, so `--resume latest` loses nothing. A second signal stops at
-    once, unless it is the same signal within `repeat_s` seconds: the copy a launcher passes on of a signal the
-    process got itself as well (SLURM's scancel signals every process of the job). Handlers can only be set from
-    the main thread; elsewhere this does nothing."""
+    once, unless it is the same signal within `repeat_s` seconds or before the loop noticed the first: the copy a
+    launcher passes on of a signal the process got itself as well (SLURM's scancel signals every process of the
+    job). With several processes the checkpoint comes one step later (`StopVote`). Handlers can only be set from the
+    main thread; elsewhere this does nothing."""
 
     repeat_s = 1.0
 
     def __init__(self, name: str):
         self.name, self.signal_name, self._previous, self._at = name, None, {}, 0.0
+        self.noticed = False  # the loop has seen the signal (`StopVote`): a copy would have been handled before
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
@@ -386,7 +388,8 @@ class Interrupt:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            if name == self.signal_name and time.monotonic() - self._at < self.repeat_s:
+            # a copy can wait for its handler while the main thread is in one long C call (a device sync, say)
+            if name == self.signal_name and (not self.noticed or time.monotonic() - self._at < self.repeat_s):
                 return  # the same stop request, delivered twice
             self.__exit__()
             raise KeyboardInterrupt
@@ -404,35 +407,37 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 class StopVote:
     """Whether to stop at this step (past `deadline`, interrupted), agreed by every process so that all stop at one
-    step. With several processes each step starts an asynchronous all-reduce of the local flags over a CPU (gloo)
-    group and reads the one started the step before: the processes act one step after a signal or the deadline,
-    and neither the host nor the device waits for the other. (A stop must come quickly: the launcher kills the
-    processes `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s by default, after it passes a signal on.)"""
+    step. With several processes each step starts an asynchronous all-reduce (max) of (past the deadline, the
+    signal's number) and reads the one started the step before: the processes act one step after a signal or the
+    deadline, and the host waits only for the device's previous step (it has queued the current one). A process
+    that got no signal itself takes the others' (its exit code and message name it). A stop must come quickly: the
+    launcher kills the processes `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s by default, after it passes a signal on."""
 
     def __init__(self, acc: Accelerator, deadline: float | None, interrupt: Interrupt):
-        import torch.distributed as dist
-
         self.deadline, self.interrupt, self.pending = deadline, interrupt, None
-        self.group = dist.new_group(backend="gloo") if acc.num_processes > 1 else None
-        self.flags = torch.zeros(2)
+        self.several, self.device, self.flags = acc.num_processes > 1, acc.device, None
 
     def __call__(self) -> tuple[bool, bool]:
         """(late, interrupted): this process's own with one process; else every process's of the step before,
         combined (nothing is left in flight once they say stop)."""
         import torch.distributed as dist
 
-        local = (self.deadline is not None and time.perf_counter() > self.deadline,
-                 self.interrupt.signal_name is not None)
-        if self.group is None:
-            return local
+        interrupt = self.interrupt
+        interrupt.noticed = interrupt.signal_name is not None
+        late = self.deadline is not None and time.perf_counter() > self.deadline
+        if not self.several:
+            return late, interrupt.noticed
         agreed = (False, False)
         if self.pending is not None:
             self.pending.wait()
-            agreed = (bool(self.flags[0] > 0), bool(self.flags[1] > 0))
-            self.pending = None
+            late_any, signum = (int(v) for v in self.flags.tolist())
+            agreed, self.pending = (late_any > 0, signum > 0), None
+            if signum and interrupt.signal_name is None:
+                interrupt.signal_name = signal.Signals(signum).name
         if not any(agreed):
-            self.flags = torch.tensor([float(f) for f in local])
-            self.pending = dist.all_reduce(self.flags, group=self.group, async_op=True)
+            number = getattr(signal, interrupt.signal_name) if interrupt.noticed else 0
+            self.flags = torch.tensor([int(late), int(number)], device=self.device)
+            self.pending = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
         return agreed
 
     def close(self) -> None:
