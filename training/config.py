@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+import textwrap
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -379,12 +380,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that lines never break inside a flag (`--decoder.optim.lr` stays whole)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
     """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides.
     `doc`: the stage module's docstring (its first paragraph becomes the description); `module`: its name
     (`training.train_vae`), for the usage line."""
     parser = argparse.ArgumentParser(
         prog=f"accelerate launch -m {module}", description=" ".join(doc.split("\n\n")[0].split()),
+        formatter_class=HelpFormatter,
         epilog="Any config key can be overridden as '--section.key value', e.g. '--decoder.optim.lr 1e-4'.")
     parser.add_argument("--config", default=None, help="YAML experiment config (default: built-in defaults)")
     parser.add_argument("--output-dir", required=True, help="the pipeline folder the stages write into")
