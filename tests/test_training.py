@@ -1271,3 +1271,14 @@ def test_a_stage_refuses_a_folder_it_would_overwrite_and_settings_that_cannot_ap
     train_vae.main(["--config", MICRO, "--output-dir", str(saved), "--max-steps", "1"])
     AcceleratorState._reset_state(reset_partial_state=False)
     assert (saved / "vae" / "model.safetensors").is_file() and (saved / "_work" / "vae" / "DONE").is_file()
+
+
+def test_stage_help_keeps_flags_whole(monkeypatch):
+    """argparse wraps at hyphens by default ("'--" at one line's end, "decoder.optim.lr" at the next's start)."""
+    from training.config import stage_parser
+
+    for columns in ("50", "64", "80"):
+        monkeypatch.setenv("COLUMNS", columns)
+        text = stage_parser("Train.", "training.train_decoder").format_help()
+        assert "'--decoder.optim.lr 1e-4'" in " ".join(text.split()), text
+        assert "--section.key" in text
