@@ -409,13 +409,16 @@ class StopVote:
     """Whether to stop at this step (past `deadline`, interrupted), agreed by every process so that all stop at one
     step. With several processes each step starts an asynchronous all-reduce (max) of (past the deadline, the
     signal's number) and reads the one started the step before: the processes act one step after a signal or the
-    deadline, and the host waits only for the device's previous step (it has queued the current one). A process
-    that got no signal itself takes the others' (its exit code and message name it). A stop must come quickly: the
+    deadline. On a GPU the result is copied to pinned host memory behind the all-reduce and waited for by an event,
+    so the host waits for the device's previous step only, never for the step it has just queued. A process that
+    got no signal itself takes the others' (its exit code and message name it). A stop must come quickly: the
     launcher kills the processes `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s by default, after it passes a signal on."""
 
     def __init__(self, acc: Accelerator, deadline: float | None, interrupt: Interrupt):
         self.deadline, self.interrupt, self.pending = deadline, interrupt, None
-        self.several, self.device, self.flags = acc.num_processes > 1, acc.device, None
+        self.several, cuda = acc.num_processes > 1, acc.device.type == "cuda"
+        self.flags = torch.zeros(2, dtype=torch.long, device=acc.device) if self.several else None
+        self.host = torch.zeros(2, dtype=torch.long, pin_memory=True) if self.several and cuda else None
 
     def __call__(self) -> tuple[bool, bool]:
         """(late, interrupted): this process's own with one process; else every process's of the step before,
@@ -429,22 +432,36 @@ class StopVote:
             return late, interrupt.noticed
         agreed = (False, False)
         if self.pending is not None:
-            self.pending.wait()
-            late_any, signum = (int(v) for v in self.flags.tolist())
-            agreed, self.pending = (late_any > 0, signum > 0), None
+            late_any, signum = self._read()
+            agreed = (late_any > 0, signum > 0)
             if signum and interrupt.signal_name is None:
                 interrupt.signal_name = signal.Signals(signum).name
         if not any(agreed):
-            number = getattr(signal, interrupt.signal_name) if interrupt.noticed else 0
-            self.flags = torch.tensor([int(late), int(number)], device=self.device)
-            self.pending = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
+            self.flags[0].fill_(int(late))  # (a kernel taking the value: no copy from the host, no wait)
+            self.flags[1].fill_(getattr(signal, interrupt.signal_name) if interrupt.noticed else 0)
+            work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
+            if self.host is not None:
+                work.wait()  # (NCCL: the stream waits for the all-reduce, not the host)
+                self.host.copy_(self.flags, non_blocking=True)
+                self.pending = torch.cuda.Event()
+                self.pending.record()
+            else:
+                self.pending = work
         return agreed
+
+    def _read(self) -> list[int]:
+        """The all-reduced flags started the step before (waiting for them)."""
+        pending, self.pending = self.pending, None
+        if self.host is not None:
+            pending.synchronize()
+            return self.host.tolist()
+        pending.wait()
+        return self.flags.tolist()
 
     def close(self) -> None:
         """Wait for the all-reduce still in flight (every process calls this at the same step)."""
         if self.pending is not None:
-            self.pending.wait()
-            self.pending = None
+            self._read()
 
 
 @contextmanager
