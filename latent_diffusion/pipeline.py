@@ -54,7 +54,7 @@ from latent_diffusion.diffusion import (
 from latent_diffusion.image_tasks import ImageTasks, images_to_tensor, slerp
 from latent_diffusion.models import AutoencoderKL, DiffusionPrior, ImageNormalizer, UNet, noise_augment
 from latent_diffusion.models.clip import clip_image_preprocess, encode_text
-from latent_diffusion.pipeline_config import (  # noqa: F401 (SamplingConfig, PipelineConfig: imported from here too)
+from latent_diffusion.pipeline_config import (
     OUTPUT_TYPES,
     Encoded,
     Generators,
