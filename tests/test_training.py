@@ -77,11 +77,14 @@ def test_every_stage_launches_and_the_pipeline_loads(one_process_run):
 
 
 def test_two_processes_match_one_process(one_process_run, tmp_path):
-    """Same global batch (2 × 4 vs 1 × 8): same weights, and both ranks end identical."""
+    """Same global batch (2 × 4 vs 1 × 8): same weights, and both ranks end identical. The decoder trains from
+    `decoder.cache`, which the two processes encode half each (a cached run's weights equal an uncached one's, so
+    a sample given another's features would show in the decoder's weights)."""
     out = tmp_path / "two"
     batch = [f"--{s}.optim.batch_size" for s in ("clip", "vae", "prior", "decoder")]
     launch("training.train_all", "--config", MICRO, "--output-dir", str(out), "--max-steps", "2",
-           *[x for flag in batch for x in (flag, "4")], processes=2)
+           *[x for flag in batch for x in (flag, "4")], "--decoder.cache", "true", processes=2)
+    assert len(list((out / "_work" / "decoder").glob("features-*.safetensors"))) == 1
     for stage in ("clip", "vae", "prior", "decoder"):
         assert {"world_size": 2, "ranks_in_sync": True} in metrics(out, stage)
     # the loss's logged parts are averaged over the processes, as the loss is: the same as one process's
@@ -1028,6 +1031,59 @@ def test_every_process_checks_the_output_folder_before_the_main_one_writes(tmp_p
         AcceleratorState._reset_state(reset_partial_state=False)
     assert events[:2] == ["check", "barrier, _work made: False"]
     assert (tmp_path / "_work" / "vae").is_dir()
+
+
+def test_collective_timeout_reaches_the_process_group_settings(tmp_path, capsys):
+    """--collective-timeout sets the process group's timeout (torch's NCCL default, 10 min, is shorter than the
+    main-only phases can take); 0 is refused by name."""
+    import datetime
+
+    from accelerate.state import AcceleratorState
+
+    from training.config import stage_parser
+    from training.stage import setup_stage
+
+    parser = stage_parser("A stage.", "training.train_vae")
+    args, overrides = parser.parse_known_args(["--config", MICRO, "--output-dir", str(tmp_path),
+                                               "--collective-timeout", "7.5"])
+    try:
+        stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim, cpu=True)
+        assert stage.accelerator.init_handler.timeout == datetime.timedelta(minutes=7.5)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert parser.parse_known_args(["--output-dir", "x"])[0].collective_timeout == 60
+    with pytest.raises(SystemExit):
+        parser.parse_known_args(["--output-dir", "x", "--collective-timeout", "0"])
+    assert "--collective-timeout: must be > 0 minutes, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(11, 2, 3), (5, 3, 4), (12, 2, 3), (1, 4, 2), (7, 1, 3)])
+def test_feature_cache_shares_come_back_in_dataset_order(n, world, batch):
+    """`decoder.cache` with several processes: each encodes its share of every global batch (short shares padded),
+    and the gathered rows, padding dropped, are the whole dataset in order on every process."""
+    from types import SimpleNamespace
+
+    from training.train_decoder import encode_all, shard_indices
+
+    dataset = [{"x": torch.tensor(i)} for i in range(n)]
+    shares = [shard_indices(n, rank, world, batch) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0
+    assert sorted({i for s in shares for i in s}) == list(range(n))
+    def process(rank: int) -> SimpleNamespace:
+        calls = iter(range(len(shares[0]) // batch))
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            """This process's rows must be its own share; the others' are what they would give, in rank order."""
+            g = next(calls)
+            part = [torch.tensor(s[g * batch:(g + 1) * batch]).float() for s in shares]
+            assert torch.equal(t, part[rank])
+            return torch.cat(part)
+
+        return SimpleNamespace(num_processes=world, process_index=rank, is_main_process=rank == 0, gather=gather)
+
+    for rank in range(world):
+        out = encode_all(dataset, lambda b: {"x": b["x"].float()}, process(rank), batch)
+        assert out["x"].tolist() == list(range(n))
 
 
 def test_feature_cache_key_separates_text_only_runs(tmp_path):

@@ -380,6 +380,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_minutes(text: str) -> float:
+    """argparse type: a number of minutes > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 minutes, got {text}")
+    return value
+
+
+COLLECTIVE_TIMEOUT_MINUTES = 60.0
+
+
+def add_collective_timeout(parser: argparse.ArgumentParser) -> None:
+    """--collective-timeout: how long a process waits for the others at a collective before the run fails."""
+    parser.add_argument(
+        "--collective-timeout", type=positive_minutes, default=COLLECTIVE_TIMEOUT_MINUTES, metavar="MINUTES",
+        help="with several processes: how long one waits for the others at a barrier or all-reduce before the run "
+             f"fails (default: {COLLECTIVE_TIMEOUT_MINUTES:g}; torch's own is 10 with NCCL). The others wait while "
+             "the main process alone trains the tokenizer, writes decoder.cache or runs validation")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, except that lines never break inside a flag (`--decoder.optim.lr` stays whole)."""
 
@@ -409,4 +429,5 @@ def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
                         help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
                              "gradients and optimizer state split across processes; in fp32 the same weights as "
                              "data-parallel")
+    add_collective_timeout(parser)
     return parser

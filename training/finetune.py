@@ -52,6 +52,7 @@ from training.common import build_dataset, dataset_captions, decoder_loss
 from training.config import (
     FinetuneConfig,
     LoraSettings,
+    add_collective_timeout,
     apply_overrides,
     config_to_yaml,
     positive_int,
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=None, help="optimiser steps (default: 1000)")
     parser.add_argument("--output-dir", required=True, help="where the LoRA folder or the new pipeline goes")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
+    add_collective_timeout(parser)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)  # refused by name (setup_stage)
     return parser
 

@@ -7,6 +7,7 @@ stage.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import shutil
 import signal
@@ -19,11 +20,12 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from training.checkpoint import checkpoint_step, list_checkpoints
 from training.config import (
+    COLLECTIVE_TIMEOUT_MINUTES,
     ExperimentConfig,
     FinetuneConfig,
     OptimConfig,
@@ -212,7 +214,12 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
     # oc.mixed_precision None leaves the choice to the launcher (ACCELERATE_MIXED_PRECISION); a value overrides it.
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    # The collectives' timeout (torch's default is 10 min with NCCL): the other processes wait at a barrier while the
+    # main one alone trains the tokenizer, writes decoder.cache or validates. Set where the process group starts
+    # (the first stage of a train_all run; the later ones keep its group).
+    minutes = getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT_MINUTES)
+    handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=minutes)))
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
                               kwargs_handlers=handlers)
     check_distributed_type(accelerator.distributed_type)

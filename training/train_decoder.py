@@ -17,9 +17,10 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from latent_diffusion import speed
@@ -44,6 +45,46 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
+
+
+def shard_indices(n: int, rank: int, world: int, batch_size: int) -> list[int]:
+    """The dataset indices process `rank` of `world` encodes, `batch_size` at a time: global batch g covers
+    [g·B·W, (g+1)·B·W) and process r takes its r-th slice of B. A short or empty slice is padded with index n - 1,
+    so that every process has the same number of equal batches to gather; gathered in rank order, each global
+    batch then holds its real samples first and the padding after them."""
+    indices = []
+    for start in range(0, n, batch_size * world):
+        lo = min(start + rank * batch_size, n)
+        part = list(range(lo, min(lo + batch_size, n)))
+        indices += part + [n - 1] * (batch_size - len(part))
+    return indices
+
+
+def encode_all(dataset: Dataset, features: Callable[[dict], dict[str, torch.Tensor]], acc: Any, batch_size: int,
+               num_workers: int = 0, collate: Callable | None = None) -> dict[str, torch.Tensor]:
+    """`features` of every sample of `dataset`, in dataset order, on the CPU: each process encodes its share
+    (`shard_indices`) and all gather every global batch, so every process ends with the whole set. `acc`: the
+    Accelerator (num_processes, process_index, gather). Each value: (len(dataset), ...)."""
+    n, world = len(dataset), acc.num_processes
+    mine = Subset(dataset, shard_indices(n, acc.process_index, world, batch_size))
+    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    parts, done = [], 0
+    for batch in tqdm(loader, desc="decoder: caching", unit="batch", disable=not acc.is_main_process):
+        f = features(batch)
+        if world > 1:  # (W·B, ...): the processes' slices in rank order, the padding last
+            f = {k: acc.gather(v.contiguous()) for k, v in f.items()}
+        keep = min(batch_size * world, n - done)
+        parts.append({k: v[:keep].cpu() for k, v in f.items()})
+        done += keep
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def agreed(acc: Any, flag: bool) -> bool:
+    """`flag` if every process holds it (one that alone missed a shared file would otherwise wait at a collective
+    the others never reach)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), reduction="sum").item() == acc.num_processes)
 
 
 def features_key(cfg: ExperimentConfig, out: Path) -> str:
@@ -129,15 +170,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if dc.cache:
         path = stage.work_dir / f"features-{features_key(cfg, out)}.safetensors"
-        if path.is_file():
+        if agreed(acc, path.is_file()):  # every process reads it, or every one takes its share of the encoding
             stage.print(f"decoder: cached latents and CLIP features from {path}")
             dataset = CachedFeatures(load_safetensors(path))
         else:
-            stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples")
-            loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
-            batches = tqdm(loader, desc="decoder: caching", unit="batch", disable=not acc.is_main_process)
-            parts = [{k: v.cpu() for k, v in features(b).items()} for b in batches]
-            dataset = CachedFeatures({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+            stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples"
+                        + (f" ({acc.num_processes} processes share the work)" if acc.num_processes > 1 else ""))
+            share = min(256, -(-len(dataset) // acc.num_processes))  # per process and batch
+            dataset = CachedFeatures(encode_all(dataset, features, acc, share, dc.optim.num_workers,
+                                                TokenizingCollate(tokenizer)))
             if acc.is_main_process:  # kept for resumed or continued runs; stale ones go
                 for old in stage.work_dir.glob("features-*.safetensors"):
                     old.unlink()
