@@ -1338,3 +1338,15 @@ def test_stage_help_keeps_flags_whole(monkeypatch):
         text = stage_parser("Train.", "training.train_decoder").format_help()
         assert "'--decoder.optim.lr 1e-4'" in " ".join(text.split()), text
         assert "--section.key" in text
+
+
+def test_fsdp_is_offered_only_by_the_stages_that_shard(capsys):
+    """train_clip does not shard: its --help leaves --fsdp out, and the flag is still refused by name."""
+    from training import train_clip
+
+    for module, shardable in (("train_clip", False), ("train_decoder", True)):
+        with pytest.raises(SystemExit):
+            __import__(f"training.{module}", fromlist=["main"]).main(["--help"])
+        assert ("--fsdp" in capsys.readouterr().out) == shardable
+    with pytest.raises(ValueError, match="clip: --fsdp is not supported by this stage"):
+        train_clip.main(["--config", MICRO, "--output-dir", "unused", "--fsdp"])

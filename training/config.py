@@ -411,10 +411,11 @@ class HelpFormatter(argparse.HelpFormatter):
                              break_on_hyphens=False)
 
 
-def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
+def stage_parser(doc: str, module: str, shardable: bool = True) -> argparse.ArgumentParser:
     """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides.
     `doc`: the stage module's docstring (its first paragraph becomes the description); `module`: its name
-    (`training.train_vae`), for the usage line."""
+    (`training.train_vae`), for the usage line; `shardable` false: --fsdp is left out of --help (and refused by
+    name when given, `setup_stage`)."""
     parser = argparse.ArgumentParser(
         prog=f"accelerate launch -m {module}", description=" ".join(doc.split("\n\n")[0].split()),
         formatter_class=HelpFormatter,
@@ -425,9 +426,8 @@ def stage_parser(doc: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="optimiser steps: sets optim.max_steps of every stage in the config (the LR schedule "
                              "spans them)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, "
-                             "gradients and optimizer state split across processes; in fp32 the same weights as "
-                             "data-parallel")
+    fsdp_help = ("fully sharded data parallel (FSDP2) for the VAE, prior and decoder stages: parameters, gradients "
+                 "and optimizer state split across processes; in fp32 the same weights as data-parallel")
+    parser.add_argument("--fsdp", action="store_true", help=fsdp_help if shardable else argparse.SUPPRESS)
     add_collective_timeout(parser)
     return parser

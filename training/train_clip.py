@@ -101,7 +101,7 @@ def hard_negative(spec: SceneSpec, rng: np.random.Generator, kinds: Sequence[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = stage_parser(__doc__, "training.train_clip").parse_known_args(argv)
+    args, overrides = stage_parser(__doc__, "training.train_clip", shardable=False).parse_known_args(argv)
     stage = setup_stage("clip", args, overrides, lambda c: c.clip.optim, shardable=False)
     cfg, acc = stage.config, stage.accelerator
     if stage.skip_if_done("image_encoder"):
