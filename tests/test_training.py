@@ -24,8 +24,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
        "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def launch(module: str, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """`accelerate launch` exactly as a user types it (the flags DESIGN.md lists for real 2-process CPU runs)."""
+def launch(module: str, *args: str, processes: int = 1, script: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch` exactly as a user types it (the flags DESIGN.md lists for real 2-process CPU runs);
+    `script`: `module` is a script's path."""
     if processes == 1:
         cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
         env = ENV
@@ -33,7 +34,7 @@ def launch(module: str, *args: str, processes: int = 1) -> subprocess.CompletedP
         cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--main_process_port", str(free_port())]
         env = {**ENV, "ACCELERATE_USE_CPU": "1"}
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", *([] if script else ["-m"]), module, *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -77,14 +78,11 @@ def test_every_stage_launches_and_the_pipeline_loads(one_process_run):
 
 
 def test_two_processes_match_one_process(one_process_run, tmp_path):
-    """Same global batch (2 × 4 vs 1 × 8): same weights, and both ranks end identical. The decoder trains from
-    `decoder.cache`, which the two processes encode half each (a cached run's weights equal an uncached one's, so
-    a sample given another's features would show in the decoder's weights)."""
+    """Same global batch (2 × 4 vs 1 × 8): same weights, and both ranks end identical."""
     out = tmp_path / "two"
     batch = [f"--{s}.optim.batch_size" for s in ("clip", "vae", "prior", "decoder")]
     launch("training.train_all", "--config", MICRO, "--output-dir", str(out), "--max-steps", "2",
-           *[x for flag in batch for x in (flag, "4")], "--decoder.cache", "true", processes=2)
-    assert len(list((out / "_work" / "decoder").glob("features-*.safetensors"))) == 1
+           *[x for flag in batch for x in (flag, "4")], processes=2)
     for stage in ("clip", "vae", "prior", "decoder"):
         assert {"world_size": 2, "ranks_in_sync": True} in metrics(out, stage)
     # the loss's logged parts are averaged over the processes, as the loss is: the same as one process's
@@ -124,7 +122,9 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def test_fsdp_matches_data_parallel_and_resumes_exactly(one_process_run, tmp_path):
     """--fsdp over 2 processes (FSDP2 shards as DTensors over gloo): the same weights as one process with the same
-    global batch; checkpoints written in full; resuming a sharded checkpoint continues exactly."""
+    global batch; checkpoints written in full; resuming a sharded checkpoint continues exactly. The decoder trains
+    from `decoder.cache`, which the two processes encode half each (a cached run's weights equal an uncached one's,
+    so a sample given another's features would show in the decoder's weights)."""
     from accelerate.state import AcceleratorState
 
     from training import train_vae
@@ -133,7 +133,8 @@ def test_fsdp_matches_data_parallel_and_resumes_exactly(one_process_run, tmp_pat
     copy_clip(one_process_run, out)
     batch = [x for s in ("vae", "prior", "decoder") for x in (f"--{s}.optim.batch_size", "4")]
     launch("training.train_all", "--config", MICRO, "--output-dir", str(out), "--max-steps", "2", "--fsdp",
-           *batch, processes=2)
+           *batch, "--decoder.cache", "true", processes=2)
+    assert len(list((out / "_work" / "decoder").glob("features-*.safetensors"))) == 1
     for stage in ("vae", "prior", "decoder"):
         assert {"world_size": 2, "fsdp": True} in metrics(out, stage)
         state = json.loads((out / "_work" / stage / "checkpoint-2" / "trainer_state.json").read_text())
@@ -839,6 +840,24 @@ dist.destroy_process_group()
     assert result.stdout.split("\n")[-2] == "torch.float32 [257.0, 999.0]"
 
 
+def test_decoder_cache_of_an_empty_dataset_is_refused_by_name(one_process_run, tmp_path):
+    """An empty dataset gets the uncached run's message, not an error from inside the encoding."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from training import train_decoder
+
+    shutil.copytree(one_process_run, tmp_path / "run", ignore=shutil.ignore_patterns("decoder"))
+    args = ["--config", MICRO, "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--decoder.cache", "true",
+            "--data.num_samples", "0"]
+    try:
+        with pytest.raises(ValueError, match="^the training dataset is empty$"):
+            train_decoder.main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def test_decoder_cache_refuses_several_captions_per_image(one_process_run, tmp_path):
     """The cache encodes one caption per image: data with several is refused before any encoding."""
     import shutil
@@ -1033,28 +1052,43 @@ def test_every_process_checks_the_output_folder_before_the_main_one_writes(tmp_p
     assert (tmp_path / "_work" / "vae").is_dir()
 
 
-def test_collective_timeout_reaches_the_process_group_settings(tmp_path, capsys):
-    """--collective-timeout sets the process group's timeout (torch's NCCL default, 10 min, is shorter than the
-    main-only phases can take); 0 is refused by name."""
-    import datetime
-
-    from accelerate.state import AcceleratorState
-
+def test_collective_timeout_reaches_the_process_group(tmp_path, capsys):
+    """--collective-timeout is the process group's timeout (torch's NCCL default, 10 min, is shorter than the
+    main-only phases can take): with 3 s, a process waiting at a barrier for one that sleeps 12 s fails after about
+    3 s. 0 and inf are refused by name."""
     from training.config import stage_parser
-    from training.stage import setup_stage
+
+    script = tmp_path / "wait.py"
+    script.write_text(f'''
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import torch.distributed as dist
+from training.config import stage_parser
+from training.stage import setup_stage
+args, overrides = stage_parser("A stage.", "training.train_vae").parse_known_args(sys.argv[1:])
+setup_stage("vae", args, overrides, lambda c: c.vae.optim)
+if dist.get_rank() == 1:
+    time.sleep(12)
+else:
+    start = time.perf_counter()
+    try:
+        dist.barrier()
+        print("the barrier passed", flush=True)
+    except Exception:
+        print(f"timed out after {{time.perf_counter() - start:.0f}} s", flush=True)
+''')
+    result = launch(str(script), "--config", MICRO, "--output-dir", str(tmp_path / "run"), "--collective-timeout",
+                    "0.05", processes=2, script=True)
+    waited = [line for line in result.stdout.splitlines() if line.startswith(("timed out", "the barrier"))]
+    assert len(waited) == 1 and waited[0].startswith("timed out") and int(waited[0].split()[3]) < 9, result.stdout
 
     parser = stage_parser("A stage.", "training.train_vae")
-    args, overrides = parser.parse_known_args(["--config", MICRO, "--output-dir", str(tmp_path),
-                                               "--collective-timeout", "7.5"])
-    try:
-        stage = setup_stage("vae", args, overrides, lambda c: c.vae.optim, cpu=True)
-        assert stage.accelerator.init_handler.timeout == datetime.timedelta(minutes=7.5)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=False)
     assert parser.parse_known_args(["--output-dir", "x"])[0].collective_timeout == 60
-    with pytest.raises(SystemExit):
-        parser.parse_known_args(["--output-dir", "x", "--collective-timeout", "0"])
-    assert "--collective-timeout: must be > 0 minutes, got 0" in capsys.readouterr().err
+    for bad in ("0", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_known_args(["--output-dir", "x", "--collective-timeout", bad])
+        assert f"--collective-timeout: must be more than 0 and at most 10080 minutes (a week), got {bad}" in \
+            capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("n", "world", "batch"), [(11, 2, 3), (5, 3, 4), (12, 2, 3), (1, 4, 2), (7, 1, 3)])
@@ -1067,7 +1101,8 @@ def test_feature_cache_shares_come_back_in_dataset_order(n, world, batch):
 
     dataset = [{"x": torch.tensor(i)} for i in range(n)]
     shares = [shard_indices(n, rank, world, batch) for rank in range(world)]
-    assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0
+    assert len({len(s) for s in shares}) == 1
+    assert len(shares[0]) % batch == 0 if world > 1 else shares[0] == list(range(n))  # one process: no padding
     assert sorted({i for s in shares for i in s}) == list(range(n))
     def process(rank: int) -> SimpleNamespace:
         calls = iter(range(len(shares[0]) // batch))

@@ -380,11 +380,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_minutes(text: str) -> float:
-    """argparse type: a number of minutes > 0."""
+def timeout_minutes(text: str) -> float:
+    """argparse type: a number of minutes in (0, 10080] (a week)."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 minutes, got {text}")
+    if not 0 < value <= 10080:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 10080 minutes (a week), got {text}")
     return value
 
 
@@ -394,7 +394,7 @@ COLLECTIVE_TIMEOUT_MINUTES = 60.0
 def add_collective_timeout(parser: argparse.ArgumentParser) -> None:
     """--collective-timeout: how long a process waits for the others at a collective before the run fails."""
     parser.add_argument(
-        "--collective-timeout", type=positive_minutes, default=COLLECTIVE_TIMEOUT_MINUTES, metavar="MINUTES",
+        "--collective-timeout", type=timeout_minutes, default=COLLECTIVE_TIMEOUT_MINUTES, metavar="MINUTES",
         help="with several processes: how long one waits for the others at a barrier or all-reduce before the run "
              f"fails (default: {COLLECTIVE_TIMEOUT_MINUTES:g}; torch's own is 10 with NCCL). The others wait while "
              "the main process alone trains the tokenizer, writes decoder.cache or runs validation")
@@ -412,7 +412,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def stage_parser(doc: str, module: str, shardable: bool = True) -> argparse.ArgumentParser:
-    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp, then overrides.
+    """The command line every stage shares: --config, --output-dir, --resume, --max-steps, --fsdp,
+    --collective-timeout, then overrides.
     `doc`: the stage module's docstring (its first paragraph becomes the description); `module`: its name
     (`training.train_vae`), for the usage line; `shardable` false: --fsdp is left out of --help (and refused by
     name when given, `setup_stage`)."""

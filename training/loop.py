@@ -218,7 +218,7 @@ def fit(stage: Stage, model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn,
     sampler = StepBatchSampler(len(dataset), oc.batch_size, oc.grad_accum, stage.config.seed, rank, world, start,
                                stage.max_steps)
     loader = DataLoader(EpochKeyed(dataset), batch_sampler=sampler, num_workers=oc.num_workers, collate_fn=collate,
-                        persistent_workers=False, worker_init_fn=_ignore_stop_signals)
+                        persistent_workers=False, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
     metrics_path = stage.work_dir / "metrics.jsonl"
     bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not acc.is_main_process,
@@ -398,7 +398,7 @@ class Interrupt:
               flush=True)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT and SIGTERM, which a terminal's Ctrl-C or a scheduler sends to the whole
     process group: the main process checkpoints and then shuts its workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -466,7 +466,7 @@ class StopVote:
 
 @contextmanager
 def _workers_stopped_on_error(batches: Any) -> Iterator[None]:
-    """Shut a DataLoader iterator's workers down when the loop raises: they ignore SIGTERM (`_ignore_stop_signals`),
+    """Shut a DataLoader iterator's workers down when the loop raises: they ignore SIGTERM (`ignore_stop_signals`),
     so Python's exit would otherwise wait for them forever."""
     try:
         yield

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from training.checkpoint import checkpoint_step, list_checkpoints
@@ -214,12 +215,14 @@ def setup_stage(name: str, args: Any, overrides: list[str], optim: Callable[[Any
     # step_scheduler_with_optimizer=False: the LR schedule counts optimiser steps, whatever the process count
     # (by default Accelerate steps it once per process, so a 2-process run would decay twice as fast).
     # oc.mixed_precision None leaves the choice to the launcher (ACCELERATE_MIXED_PRECISION); a value overrides it.
-    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    # The collectives' timeout (torch's default is 10 min with NCCL): the other processes wait at a barrier while the
-    # main one alone trains the tokenizer, writes decoder.cache or validates. Set where the process group starts
-    # (the first stage of a train_all run; the later ones keep its group).
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    # The collectives' timeout (torch's default is 10 min with NCCL): the other processes wait while the main one
+    # alone trains the tokenizer, writes decoder.cache or validates. Given to the process group as it starts (the
+    # first stage of a train_all run; the later ones keep its group) through PartialState, as the Accelerator would
+    # start it (ACCELERATE_USE_CPU included); Accelerate's InitProcessGroupKwargs drops a value equal to its own
+    # default (10 min, which gloo would then take as 30).
     minutes = getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT_MINUTES)
-    handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=minutes)))
+    PartialState(cpu or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=datetime.timedelta(minutes=minutes))
     accelerator = Accelerator(mixed_precision=oc.mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
                               kwargs_handlers=handlers)
     check_distributed_type(accelerator.distributed_type)

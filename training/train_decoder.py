@@ -30,7 +30,7 @@ from latent_diffusion.models import AutoencoderKL, DiffusionPrior, UNet, UNetCon
 from latent_diffusion.pipeline import PipelineConfig, TextToImagePipeline
 from training.common import SCHEDULE_FILE, TokenizingCollate, build_dataset, decoder_loss, encode_batch, load_clip
 from training.config import ExperimentConfig, run_from_command_line, stage_parser
-from training.loop import fit
+from training.loop import fit, ignore_stop_signals
 from training.stage import setup_stage
 
 
@@ -49,9 +49,11 @@ class CachedFeatures(Dataset):
 
 def shard_indices(n: int, rank: int, world: int, batch_size: int) -> list[int]:
     """The dataset indices process `rank` of `world` encodes, `batch_size` at a time: global batch g covers
-    [g·B·W, (g+1)·B·W) and process r takes its r-th slice of B. A short or empty slice is padded with index n - 1,
-    so that every process has the same number of equal batches to gather; gathered in rank order, each global
-    batch then holds its real samples first and the padding after them."""
+    [g·B·W, (g+1)·B·W) and process r takes its r-th slice of B. With several processes a short or empty slice is
+    padded with index n - 1, so that every process has the same number of equal batches to gather; gathered in
+    rank order, each global batch then holds its real samples first and the padding after them."""
+    if world == 1:
+        return list(range(n))
     indices = []
     for start in range(0, n, batch_size * world):
         lo = min(start + rank * batch_size, n)
@@ -67,7 +69,8 @@ def encode_all(dataset: Dataset, features: Callable[[dict], dict[str, torch.Tens
     Accelerator (num_processes, process_index, gather). Each value: (len(dataset), ...)."""
     n, world = len(dataset), acc.num_processes
     mine = Subset(dataset, shard_indices(n, acc.process_index, world, batch_size))
-    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        worker_init_fn=ignore_stop_signals)  # Ctrl-C: one KeyboardInterrupt, in this process
     parts, done = [], 0
     for batch in tqdm(loader, desc="decoder: caching", unit="batch", disable=not acc.is_main_process):
         f = features(batch)
@@ -176,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples"
                         + (f" ({acc.num_processes} processes share the work)" if acc.num_processes > 1 else ""))
-            share = min(256, -(-len(dataset) // acc.num_processes))  # per process and batch
+            if len(dataset) == 0:
+                raise ValueError("the training dataset is empty")
+            # per process and batch: every process holds the gathered batch of all (2,048 rows at most)
+            share = min(256, max(1, 2048 // acc.num_processes), -(-len(dataset) // acc.num_processes))
             dataset = CachedFeatures(encode_all(dataset, features, acc, share, dc.optim.num_workers,
                                                 TokenizingCollate(tokenizer)))
             if acc.is_main_process:  # kept for resumed or continued runs; stale ones go
