@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> None:
             stage.print(f"decoder: cached latents and CLIP features from {path}")
             dataset = CachedFeatures(load_safetensors(path))
         else:
-            stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples"
-                        + (f" ({acc.num_processes} processes share the work)" if acc.num_processes > 1 else ""))
             if len(dataset) == 0:
                 raise ValueError("the training dataset is empty")
+            stage.print(f"decoder: caching latents and CLIP features of {len(dataset)} samples"
+                        + (f" ({acc.num_processes} processes share the work)" if acc.num_processes > 1 else ""))
             # per process and batch: every process holds the gathered batch of all (2,048 rows at most)
             share = min(256, max(1, 2048 // acc.num_processes), -(-len(dataset) // acc.num_processes))
             dataset = CachedFeatures(encode_all(dataset, features, acc, share, dc.optim.num_workers,
